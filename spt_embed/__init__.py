@@ -1,0 +1,24 @@
+"""spt-embed: turn a frozen decoder LLM into a text encoder by suffix prompt tuning."""
+
+__version__ = "0.1.0"
+
+from spt_embed.backbone import load_backbone  # noqa: E402
+from spt_embed.config import BackboneRef, Init, Placement, SuffixPromptConfig  # noqa: E402
+from spt_embed.encoder import SuffixPromptEncoder, load, save  # noqa: E402
+from spt_embed.export import export  # noqa: E402
+from spt_embed.module import ForwardPath, SuffixPromptModule  # noqa: E402
+
+__all__ = [
+    "BackboneRef",
+    "ForwardPath",
+    "Init",
+    "Placement",
+    "SuffixPromptConfig",
+    "SuffixPromptEncoder",
+    "SuffixPromptModule",
+    "__version__",
+    "export",
+    "load",
+    "load_backbone",
+    "save",
+]

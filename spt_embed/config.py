@@ -1,0 +1,121 @@
+"""The persisted configuration of a suffix-prompt adapter (``spt_config.json``)."""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "spt_config.json"
+WEIGHTS_NAME = "soft_prompt.safetensors"
+WEIGHTS_KEY = "soft_prompt"
+
+
+class Init(str, enum.Enum):
+    """How the K soft-token vectors start."""
+
+    RANDOM = "random"  # N(0, std of the vocabulary embeddings)
+    VOCAB = "vocab"  # embeddings of K real tokens sampled from the vocabulary
+    TEXT = "text"  # embeddings of `init_text`'s tokens, tiled or trimmed to K
+
+
+class Placement(str, enum.Enum):
+    """Where the soft tokens go relative to the text."""
+
+    SUFFIX = "suffix"  # after the text: the default and the paper's choice
+    PREFIX = "prefix"  # before the text (Lester et al. 2021), for ablations
+
+
+def _enum_value(enum_cls: type[enum.Enum], value: Any, name: str) -> enum.Enum:
+    try:
+        return enum_cls(value.value if isinstance(value, enum.Enum) else value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum_cls)
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {allowed}.") from None
+
+
+@dataclass
+class BackboneRef:
+    """What the adapter was trained on: enough to find the backbone again and to recognise it."""
+
+    source: str = field(metadata={"help": "Registered name, local HF directory or GGUF file of the backbone."})
+    fingerprint: str = field(metadata={"help": "Hash of the backbone's config and a sample of its weights."})
+    model_type: str = field(default="", metadata={"help": "transformers model_type, e.g. 'llama'."})
+    hidden_size: int = field(default=0, metadata={"help": "Width of the hidden states = width of a soft token."})
+    is_causal: bool = field(default=True, metadata={"help": "False when the backbone runs bidirectionally."})
+
+
+@dataclass
+class SuffixPromptConfig:
+    """Everything that defines a suffix-prompt encoder apart from its backbone weights and soft vectors."""
+
+    backbone: BackboneRef = field(metadata={"help": "The frozen decoder the soft tokens were trained for."})
+    num_tokens: int = field(default=16, metadata={"help": "K, the number of trainable soft tokens."})
+    init: Init = field(default=Init.TEXT, metadata={"help": "Initialisation: random, vocab or text."})
+    init_text: str = field(
+        default='" means in one word:"',
+        metadata={
+            "help": "String whose token embeddings initialise the soft tokens when init='text' (the PromptEOL "
+            "tail by default); tiled or trimmed so that it ends at the last soft token."
+        },
+    )
+    placement: Placement = field(default=Placement.SUFFIX, metadata={"help": "suffix (default) or prefix."})
+    max_length: int = field(
+        default=512, metadata={"help": "Maximum sequence length including the K soft tokens; texts are cut to fit."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for random and vocab initialisation."})
+    spt_embed_version: str = field(default="", metadata={"help": "Library version that wrote the config."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backbone, dict):
+            self.backbone = BackboneRef(**self.backbone)
+        if not isinstance(self.num_tokens, int) or isinstance(self.num_tokens, bool) or self.num_tokens < 1:
+            raise ValueError(f"num_tokens must be an integer >= 1, got {self.num_tokens!r}.")
+        self.init = _enum_value(Init, self.init, "init")
+        self.placement = _enum_value(Placement, self.placement, "placement")
+        if self.init is Init.TEXT and not self.init_text.strip():
+            raise ValueError("init='text' needs a non-empty init_text; pass init_text='...' or use init='vocab'.")
+        if self.max_length <= self.num_tokens:
+            raise ValueError(
+                f"max_length={self.max_length} leaves no room for text next to {self.num_tokens} soft tokens; "
+                f"use max_length > num_tokens."
+            )
+        if not self.spt_embed_version:
+            from spt_embed import __version__
+
+            self.spt_embed_version = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["init"] = self.init.value
+        data["placement"] = self.placement.value
+        return data
+
+    def save(self, directory: str | Path) -> None:
+        path = Path(directory) / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> SuffixPromptConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: {directory} is not a spt-embed adapter folder. "
+                f"Create one with SuffixPromptEncoder.from_backbone(...).save(dir) or `spt-embed train`."
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} is not valid JSON ({exc}); the adapter config is corrupted.") from None
+        if not isinstance(data, dict) or "backbone" not in data:
+            raise ValueError(f"{path} has no 'backbone' entry; the adapter config is corrupted.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path} has unknown keys {unknown}; it was written by a newer spt-embed?")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ValueError(f"{path} does not describe a valid adapter: {exc}") from None

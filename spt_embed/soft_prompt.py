@@ -1,0 +1,74 @@
+"""Pure-torch pieces of a suffix prompt: initialisation, splicing, positions and pooling.
+
+Nothing here imports Hugging Face, so every piece is testable on plain tensors.
+Shapes: B batch, L text length (left padded), K soft tokens, H hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spt_embed.config import Init, Placement
+
+
+def init_soft_prompt(
+    embedding: torch.Tensor,
+    num_tokens: int,
+    init: Init | str,
+    *,
+    text_ids: list[int] | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Initial soft-token vectors (K, H) from the backbone's input embedding matrix (V, H).
+
+    `text` tiles the given token ids and keeps the last K, so the last soft token (the pooled one) starts as the
+    text's last token, as in PromptEOL where the embedding is read right after `in one word:"`.
+    """
+    init = Init(init)
+    weight = embedding.detach().float()
+    generator = torch.Generator().manual_seed(seed)
+    if init is Init.RANDOM:
+        std = weight.std().item()
+        vectors = torch.randn(num_tokens, weight.shape[1], generator=generator) * std
+    elif init is Init.VOCAB:
+        ids = torch.randint(0, weight.shape[0], (num_tokens,), generator=generator)
+        vectors = weight[ids]
+    else:
+        if not text_ids:
+            raise ValueError("init='text' needs the init text to produce at least one token; it produced none.")
+        repeats = -(-num_tokens // len(text_ids))  # ceil
+        ids = torch.tensor((text_ids * repeats)[-num_tokens:])
+        vectors = weight[ids]
+    return vectors.clone().to(embedding.dtype)  # (K, H)
+
+
+def left_pad_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only real tokens, so a left-padded row gets the same positions as alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+
+
+def splice(
+    text_embeds: torch.Tensor, attention_mask: torch.Tensor, soft_prompt: torch.Tensor, placement: Placement | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Join left-padded text embeddings (B, L, H) and soft tokens (K, H) into one sequence (B, L+K, H).
+
+    Suffix: [pads | text | soft]. Prefix: [soft | pads | text]; the pads in between are masked and the position
+    ids from `left_pad_position_ids` stay contiguous, so both layouts pool at index -1.
+    """
+    batch = text_embeds.shape[0]
+    soft = soft_prompt.to(text_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, K, H)
+    soft_mask = attention_mask.new_ones(batch, soft_prompt.shape[0])  # (B, K)
+    if Placement(placement) is Placement.SUFFIX:
+        return torch.cat([text_embeds, soft], dim=1), torch.cat([attention_mask, soft_mask], dim=1)
+    return torch.cat([soft, text_embeds], dim=1), torch.cat([soft_mask, attention_mask], dim=1)
+
+
+def suffix_position_ids(text_attention_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Positions of K suffix tokens that follow a left-padded text: len(text) + arange(K). (B, K)"""
+    lengths = text_attention_mask.long().sum(-1, keepdim=True)  # (B, 1)
+    return lengths + torch.arange(num_tokens, device=text_attention_mask.device)
+
+
+def last_token_pool(hidden_states: torch.Tensor) -> torch.Tensor:
+    """Hidden state of the last position (B, S, H) -> (B, H); with left padding that is a real token in every row."""
+    return hidden_states[:, -1]
