@@ -130,3 +130,25 @@ def save(model: SentenceTransformer, path: str | os.PathLike, *, include_backbon
         model.save(str(path))
     finally:
         module.save_backbone = False
+
+
+def open_encoder(spec: str | os.PathLike, *, device: str | None = None) -> SentenceTransformer:
+    """Any encoder a command accepts: a spt-embed adapter (folder or bundled name) or a SentenceTransformer folder."""
+    text = str(spec)
+    path = Path(text).expanduser()
+    if text in bundled_adapters() or (path / CONFIG_NAME).is_file():
+        return load(text, device=device)
+    if (path / "modules.json").is_file():
+        return SentenceTransformer(str(path), device=device, local_files_only=True)
+    from spt_embed.backbone import NAMED_BACKBONES
+
+    if text in NAMED_BACKBONES:
+        raise ValueError(
+            f"{text!r} is a backbone, not an encoder: train a suffix prompt on it (`spt-embed train`) or build "
+            f"an untrained one with SuffixPromptEncoder.from_backbone({text!r})."
+        )
+    bundled = ", ".join(bundled_adapters()) or "none installed"
+    raise FileNotFoundError(
+        f"Model {text!r} not found: expected a spt-embed adapter folder, a bundled adapter ({bundled}) or a "
+        f"SentenceTransformer folder (with modules.json)."
+    )

@@ -73,6 +73,7 @@ class SuffixPromptModule(InputModule):
         self.forward_path = ForwardPath.AUTO
         self.save_backbone = False
         self._logged_path: ForwardPath | None = None
+        self._warned_empty = False
 
     # ----- construction -------------------------------------------------------------------------------------
 
@@ -148,7 +149,10 @@ class SuffixPromptModule(InputModule):
             texts.append(prompt + item if prompt else item)
         empty = sum(1 for text in texts if not text)
         if empty:
-            logger.warning("%d empty text(s) in this batch: each is encoded from the soft prompt alone.", empty)
+            # Warn once per module; repeating it for every batch of a large file would bury other messages.
+            log = logger.debug if self._warned_empty else logger.warning
+            log("%d empty text(s) in this batch: each is encoded from the soft prompt alone.", empty)
+            self._warned_empty = True
         encoded = self.tokenizer(
             texts,
             padding=True,
