@@ -1,0 +1,359 @@
+"""Training-data loading: file formats, column mapping, validation, cleaning, presets on the bundled data/."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import pytest
+
+from spt_embed import data
+from spt_embed.data import PRESETS, data_root, load_pairs, load_sts, load_training_data
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+ROWS = [
+    {"anchor": "A man plays a flute.", "positive": "A man is playing a flute.", "negative": "A dog sleeps."},
+    {"anchor": "The cat eats.", "positive": "A cat is eating food.", "negative": "Nobody is eating."},
+    {"anchor": "Kids run in the park.", "positive": "Children are running outside.", "negative": "Kids sit indoors."},
+]
+
+
+@pytest.fixture(autouse=True)
+def _own_datasets_cache(tmp_path, monkeypatch):
+    """load_dataset writes Arrow caches; keep them out of the user's ~/.cache."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-datasets-cache"))
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    """Write `rows` in the format given by `path`'s suffix (a suffix-less path: a save_to_disk folder)."""
+    frame = pd.DataFrame(rows)
+    suffix = path.suffix
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows), encoding="utf-8")
+    elif suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".tsv":
+        frame.to_csv(path, index=False, sep="\t")
+    elif suffix == ".parquet":
+        frame.to_parquet(path, index=False)
+    else:
+        datasets.Dataset.from_pandas(frame, preserve_index=False).save_to_disk(str(path))
+    return path
+
+
+def file_rows(path: Path, *, encoding: str = "utf-8", header: bool = False) -> list[list[str]]:
+    """Tab-split lines of a bundled file (an independent reader for the checks)."""
+    with open(path, encoding=encoding, newline="") as handle:
+        lines = [line.rstrip("\r\n") for line in handle]
+    return [line.split("\t") for line in (lines[1:] if header else lines) if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Formats and columns
+
+
+@pytest.mark.parametrize("name", ["pairs.jsonl", "pairs.json", "pairs.csv", "pairs.tsv", "pairs.parquet", "saved"])
+@pytest.mark.parametrize("with_negative", [True, False])
+def test_formats_round_trip(tmp_path, name, with_negative):
+    rows = ROWS if with_negative else [{k: v for k, v in r.items() if k != "negative"} for r in ROWS]
+    loaded = load_pairs(write(tmp_path / name, rows))
+    expected = ["anchor", "positive", "negative"] if with_negative else ["anchor", "positive"]
+    assert loaded.column_names == expected
+    assert loaded.to_list() == rows
+    assert all(loaded.features[c] == datasets.Value("string") for c in expected)
+
+
+@pytest.mark.parametrize(
+    "columns, expected",
+    [
+        (["sent0", "sent1", "hard_neg"], ["sent0", "sent1", "hard_neg"]),
+        (["sent0", "sent1"], ["sent0", "sent1"]),
+        (["query", "pos", "neg"], ["query", "pos", "neg"]),
+        (["query", "positive", "negative"], ["query", "positive", "negative"]),
+        (["id", "sentence1", "sentence2", "label"], ["sentence1", "sentence2"]),
+        (["text1", "text2", "score", "source"], ["text1", "text2"]),
+        # literal names win over aliases, whatever the column order
+        (["negative", "sent0", "positive", "anchor", "sent1"], ["anchor", "positive", "negative"]),
+        (["question", "answer"], ["question", "answer"]),  # 2 unknown columns: in order
+        (["q", "d", "hn"], ["q", "d", "hn"]),  # 3 unknown columns: in order
+    ],
+)
+def test_column_auto_detection(tmp_path, caplog, columns, expected):
+    rows = [{c: f"{c} text {i}" for c in columns} for i in range(3)]
+    with caplog.at_level(logging.INFO, logger="spt_embed.data"):
+        loaded = load_pairs(write(tmp_path / "pairs.jsonl", rows))
+    assert loaded.column_names == list(data.ROLES[: len(expected)])
+    assert loaded[0] == {role: f"{c} text 0" for role, c in zip(data.ROLES, expected)}
+    in_order = columns in (["question", "answer"], ["q", "d", "hn"])
+    assert ("using the columns in order" in caplog.text) == in_order
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"anchor": "q", "positive": "d"}, {"anchor": "q", "positive": "d"}),
+        ({"anchor": "q", "positive": "d", "negative": "n"}, {"anchor": "q", "positive": "d", "negative": "n"}),
+        ({"anchor": "d", "positive": "q"}, {"anchor": "d", "positive": "q"}),  # swapping is fine
+        ({"anchor": "d", "positive": "d"}, {"anchor": "d", "positive": "d"}),  # SimCSE-unsupervised style
+        # unnamed anchor/positive come from the usual names; a negative only when named
+        ({"negative": "n"}, {"anchor": "sent0", "positive": "sent1", "negative": "n"}),
+        ({"anchor": "q"}, {"anchor": "q", "positive": "sent1"}),
+    ],
+)
+def test_explicit_column_mapping(tmp_path, kwargs, expected):
+    rows = [{"q": "query", "d": "doc", "n": "neg", "sent0": "s0", "sent1": "s1", "hard_neg": "hn", "x": 1}] * 2
+    loaded = load_pairs(write(tmp_path / "pairs.csv", rows), **kwargs)
+    assert loaded.column_names == list(expected)
+    assert loaded[0] == {role: rows[0][column] for role, column in expected.items()}
+
+
+def test_missing_column_error(tmp_path):
+    path = write(tmp_path / "pairs.jsonl", [{"question": "a", "answer": "b"}])
+    with pytest.raises(ValueError) as info:
+        load_pairs(path, anchor="question", positive="reply")
+    message = str(info.value)
+    assert str(path) in message and "'reply'" in message and "positive" in message
+    assert "['question', 'answer']" in message
+    assert "--anchor-column/--positive-column/--negative-column" in message and "positive=" in message
+
+
+@pytest.mark.parametrize("columns", [["only"], ["a", "b", "c", "d"]])
+def test_undetectable_columns(tmp_path, columns):
+    path = write(tmp_path / "pairs.jsonl", [{c: "x" for c in columns}])
+    with pytest.raises(ValueError, match=r"cannot tell which columns.*--anchor-column"):
+        load_pairs(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation and cleaning
+
+
+def test_non_text_value_names_file_row_and_column(tmp_path):
+    lines = [{"anchor": f"a{i}", "positive": None} for i in range(6)] + [{"anchor": "a6", "positive": 42}]
+    path = write(tmp_path / "pairs.jsonl", lines)
+    with pytest.raises(ValueError, match=r"pairs\.jsonl: row 7, column 'positive': expected text, got int \(42\)"):
+        load_pairs(path)
+
+
+@pytest.mark.parametrize(
+    "name, rows, message",
+    [
+        # a mixed-type JSON column: only the offending row is reported
+        ("pairs.jsonl", [{"anchor": "a", "positive": "b"}, {"anchor": "c", "positive": [1, 2]}],
+         r"row 2, column 'positive': expected text, got list \(\[1, 2\]\)"),
+        # a numeric CSV column (e.g. a score mapped by mistake) points at the mapping
+        ("pairs.csv", [{"anchor": "a", "positive": 3}],
+         r"pairs\.csv: row 1, column 'positive': expected text, got int"),
+        ("pairs.parquet", [{"anchor": "a", "positive": 0.5}], r"row 1, column 'positive': expected text, got float"),
+    ],
+)
+def test_non_text_values(tmp_path, name, rows, message):
+    with pytest.raises(ValueError, match=message):
+        load_pairs(write(tmp_path / name, rows))
+
+
+def test_empty_rows_dropped_and_counted(tmp_path, caplog):
+    rows = [
+        {"anchor": "a1", "positive": "p1"},
+        {"anchor": "", "positive": "p2"},
+        {"anchor": "a3", "positive": "   \t"},
+        {"anchor": None, "positive": "p4"},
+        {"anchor": "a5", "positive": "p5"},
+    ]
+    with caplog.at_level(logging.WARNING, logger="spt_embed.data"):
+        loaded = load_pairs(write(tmp_path / "pairs.jsonl", rows))
+    assert loaded.to_list() == [rows[0], rows[4]]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "dropped 3 of 5 rows with empty text" in warnings[0]
+
+
+def test_csv_keeps_texts_pandas_would_call_missing(tmp_path):
+    path = tmp_path / "pairs.csv"
+    path.write_text("anchor,positive\nNone,NA\nnull,\n", encoding="utf-8")
+    assert load_pairs(path).to_list() == [{"anchor": "None", "positive": "NA"}]
+
+
+def test_all_empty_is_an_error(tmp_path):
+    path = write(tmp_path / "pairs.jsonl", [{"anchor": " ", "positive": "p"}, {"anchor": "a", "positive": None}])
+    with pytest.raises(ValueError, match="no usable rows"):
+        load_pairs(path)
+
+
+def test_limit_after_cleaning(tmp_path):
+    rows = [{"anchor": f"a{i}" if i % 2 else "", "positive": f"p{i}"} for i in range(10)]
+    loaded = load_pairs(write(tmp_path / "pairs.parquet", rows), limit=3)
+    assert loaded["anchor"] == ["a1", "a3", "a5"]
+    with pytest.raises(ValueError, match="limit must be a positive integer"):
+        load_pairs(tmp_path / "pairs.parquet", limit=0)
+
+
+def test_bad_sources(tmp_path):
+    (tmp_path / "pairs.txt").write_text("a\tb\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"unsupported file type '\.txt'.*snli-triplets.*save_to_disk"):
+        load_pairs(tmp_path / "pairs.txt")
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl does not exist.*wiki-unsup.*\.parquet"):
+        load_pairs(tmp_path / "nope.jsonl")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="not one written by Dataset.save_to_disk"):
+        load_pairs(tmp_path / "folder")
+    dataset = datasets.Dataset.from_list(ROWS)
+    datasets.DatasetDict({"train": dataset, "test": dataset}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(ValueError, match=r"DatasetDict with splits \['train', 'test'\]"):
+        load_pairs(tmp_path / "dict")
+    assert load_pairs(tmp_path / "dict" / "train").num_rows == 3
+    with pytest.raises(ValueError, match="column names apply to files only"):
+        load_pairs("mrpc-pairs", anchor="x")
+
+
+def test_saved_dataset_with_indices_mapping(tmp_path):
+    dataset = datasets.Dataset.from_list(ROWS * 2).select([5, 0])  # select keeps an indices mapping
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    assert load_pairs(tmp_path / "saved").to_list() == [ROWS[2], ROWS[0]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Presets on the bundled data
+
+
+def test_snli_triplets_preset():
+    loaded = load_pairs("snli-triplets")
+    assert loaded.column_names == ["anchor", "positive", "negative"] and loaded.num_rows == 6339
+    frame = pd.read_csv(DATA / "snli_senteval/snli_devtest_triplets_simcse_format.csv", keep_default_na=False)
+    assert loaded[0] == {"anchor": frame.sent0[0], "positive": frame.sent1[0], "negative": frame.hard_neg[0]}
+
+
+def test_mrpc_pairs_preset():
+    loaded = load_pairs("mrpc-pairs")
+    frame = pd.read_csv(
+        DATA / "senteval_transfer/MRPC/msr_paraphrase_train.txt", sep="\t", quoting=3, encoding="utf-8-sig"
+    )
+    positives = frame[frame.Quality == 1]
+    assert loaded.column_names == ["anchor", "positive"] and loaded.num_rows == len(positives) == 2753
+    assert loaded["anchor"] == positives["#1 String"].tolist()
+    assert loaded["positive"] == positives["#2 String"].tolist()
+
+
+def test_stsb_train_pairs_preset():
+    loaded = load_pairs("stsb-train-pairs")
+    rows = file_rows(DATA / "stsb/sts-train.csv")
+    assert len(rows) == 5749
+    expected = [(f[5], f[6]) for f in rows if float(f[4]) >= 4.0]
+    assert loaded.column_names == ["anchor", "positive"]
+    assert list(zip(loaded["anchor"], loaded["positive"])) == expected
+    # every chosen pair really scores >= 4, and nothing above the threshold was left out
+    scores = {(f[5], f[6]): float(f[4]) for f in rows}
+    assert min(scores[pair] for pair in expected) >= 4.0
+    assert 1000 < loaded.num_rows < len(rows)
+
+
+def test_sick_train_pairs_preset():
+    loaded = load_pairs("sick-train-pairs")
+    rows = file_rows(DATA / "sick/SICK_train.txt", header=True)
+    assert len(rows) == 4500
+    expected = [(f[1], f[2]) for f in rows if float(f[3]) >= 4.0]
+    assert loaded.column_names == ["anchor", "positive"]
+    assert list(zip(loaded["anchor"], loaded["positive"])) == expected and 1000 < len(expected) < 4500
+
+
+def test_wiki_unsup_preset():
+    loaded = load_pairs("wiki-unsup")
+    assert loaded.column_names == ["anchor", "positive"] and loaded.num_rows == 11914
+    assert loaded["anchor"] == loaded["positive"]
+    assert loaded[0]["anchor"] == "YMCA in South Australia"
+
+
+def test_presets_are_described_and_avoid_evaluation_splits():
+    assert set(PRESETS) == {"snli-triplets", "mrpc-pairs", "stsb-train-pairs", "sick-train-pairs", "wiki-unsup"}
+    for name, preset in PRESETS.items():
+        assert preset.name == name
+        assert preset.description and "\n" not in preset.description and "%" not in preset.description
+        assert not any(s in preset.path for s in ("sts-dev", "sts-test", "SICK_test", "beir_scifact", "banking77"))
+
+
+def test_preset_limit():
+    assert load_pairs("wiki-unsup", limit=5)["anchor"] == load_pairs("wiki-unsup")["anchor"][:5]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several sources
+
+
+def test_load_training_data_mixes_and_shuffles(tmp_path, caplog):
+    triplets = write(tmp_path / "triplets.jsonl", ROWS)
+    pairs = write(tmp_path / "pairs.csv", [{"sentence1": f"s{i}", "sentence2": f"t{i}"} for i in range(20)])
+    with caplog.at_level(logging.INFO, logger="spt_embed.data"):
+        first = load_training_data([str(triplets), str(pairs)], seed=3)
+    assert "Dropping the negative column" in caplog.text
+    assert first.column_names == ["anchor", "positive"] and first.num_rows == 23
+    unshuffled = [(r["anchor"], r["positive"]) for r in ROWS] + [(f"s{i}", f"t{i}") for i in range(20)]
+    rows = list(zip(first["anchor"], first["positive"]))
+    assert sorted(rows) == sorted(unshuffled) and rows != unshuffled
+    again = load_training_data([str(triplets), str(pairs)], seed=3)
+    other = load_training_data([str(triplets), str(pairs)], seed=4)
+    assert again.to_list() == first.to_list()
+    assert other.to_list() != first.to_list()
+    limited = load_training_data([str(triplets), str(pairs)], seed=3, limit=5)
+    assert limited.to_list() == first.to_list()[:5]
+
+
+def test_load_training_data_keeps_negatives_when_all_have_them(tmp_path):
+    triplets = write(tmp_path / "triplets.jsonl", ROWS)
+    loaded = load_training_data([str(triplets), "snli-triplets"], seed=0)
+    assert loaded.column_names == ["anchor", "positive", "negative"] and loaded.num_rows == 6339 + 3
+
+
+def test_load_training_data_column_names_apply_to_files_only(tmp_path):
+    path = write(tmp_path / "qa.jsonl", [{"q": "question", "a": "answer", "id": "1", "x": "y"}])
+    loaded = load_training_data([str(path), "mrpc-pairs"], anchor="q", positive="a", seed=0)
+    assert loaded.num_rows == 2753 + 1 and {"anchor": "question", "positive": "answer"} in loaded.to_list()
+
+
+def test_load_training_data_needs_a_source():
+    with pytest.raises(ValueError, match="No training data"):
+        load_training_data([])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# STS-B and the data root
+
+
+@pytest.mark.parametrize("split, count", [("dev", 1500), ("test", 1379), ("train", 5749)])
+def test_load_sts(split, count):
+    s1, s2, scores = load_sts(split)
+    assert len(s1) == len(s2) == len(scores) == count
+    assert all(isinstance(s, float) and 0.0 <= s <= 5.0 for s in scores)
+    assert min(scores) == 0.0 and max(scores) == 5.0
+    first = file_rows(DATA / f"stsb/sts-{split}.csv")[0]
+    assert (s1[0], s2[0], scores[0]) == (first[5], first[6], float(first[4]))
+
+
+def test_load_sts_bad_split():
+    with pytest.raises(ValueError, match="choose one of train, dev, test"):
+        load_sts("validation")
+
+
+def test_data_root_default_and_override(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    assert data_root() == DATA
+    (tmp_path / "stsb").mkdir()
+    (tmp_path / "stsb" / "sts-dev.csv").write_text(
+        "g\tf\t2012\t0001\t3.5\tA b.\tC d.\tx\ty\n\ng\tf\t2012\t0002\t1\tE f.\tG h.\n", encoding="utf-8"
+    )
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
+    assert data_root() == tmp_path
+    assert load_sts("dev") == (["A b.", "E f."], ["C d.", "G h."], [3.5, 1.0])
+    with pytest.raises(FileNotFoundError, match=r"stsb/sts-test\.csv is missing.*SPT_EMBED_DATA"):
+        load_sts("test")
+    with pytest.raises(FileNotFoundError, match=r"wiki1m_prefix/.*is missing"):
+        load_pairs("wiki-unsup")
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match=r"absent \(from \$SPT_EMBED_DATA\) does not exist.*Set SPT_EMBED_DATA"):
+        data_root()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pairs("snli-triplets")
