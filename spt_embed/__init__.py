@@ -7,6 +7,8 @@ from spt_embed.config import BackboneRef, Init, Placement, SuffixPromptConfig  #
 from spt_embed.encoder import SuffixPromptEncoder, load, save  # noqa: E402
 from spt_embed.export import export  # noqa: E402
 from spt_embed.module import ForwardPath, SuffixPromptModule  # noqa: E402
+from spt_embed.train_config import TrainConfig  # noqa: E402
+from spt_embed.training import train  # noqa: E402
 
 __all__ = [
     "BackboneRef",
@@ -16,9 +18,11 @@ __all__ = [
     "SuffixPromptConfig",
     "SuffixPromptEncoder",
     "SuffixPromptModule",
+    "TrainConfig",
     "__version__",
     "export",
     "load",
     "load_backbone",
     "save",
+    "train",
 ]

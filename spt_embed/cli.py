@@ -70,6 +70,42 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {args.model} to {out}: load it with SentenceTransformer({str(out)!r})")
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
+    from spt_embed.training import train
+    from spt_embed.train_config import TrainConfig
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    config = TrainConfig.from_sources(args.config, **overrides)
+    train(config, resume=args.resume)
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; unset flags (None) leave the YAML recipe or the default in place."""
+    from dataclasses import MISSING, fields
+
+    from spt_embed.data import PRESETS
+    from spt_embed.train_config import TrainConfig
+
+    parser.add_argument("--config", help="YAML recipe; flags given on the command line override its values")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        help_text = f"{f.metadata['help']} (default: {getattr(default, 'value', default)})"
+        if f.name == "data":
+            help_text += " Presets: " + "; ".join(f"{n}: {p.description}" for n, p in PRESETS.items())
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif isinstance(default, list):
+            parser.add_argument(flag, nargs="+", default=None, help=help_text)
+        else:
+            annotation = str(f.type)  # a string under `from __future__ import annotations`, e.g. "int | None"
+            kind = int if annotation.startswith("int") else float if annotation.startswith("float") else str
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spt-embed", description="Suffix prompt tuning: a frozen decoder LLM as a text encoder."
@@ -90,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe an adapter: backbone, K, trainable parameters")
     info.add_argument("model", help="adapter folder or bundled adapter name")
     info.set_defaults(func=_cmd_info)
+
+    tr = sub.add_parser(
+        "train",
+        help="train a suffix prompt (in-batch InfoNCE, STS-B dev selection)",
+        description="Train K soft tokens on a frozen backbone. Multi-process: torchrun --nproc_per_node N -m "
+        "spt_embed train ...",
+    )
+    _add_train_options(tr)
+    tr.set_defaults(func=_cmd_train)
 
     exp = sub.add_parser("export", help="write a plain SentenceTransformer folder (no custom code needed to load)")
     exp.add_argument("model", help="adapter folder or bundled adapter name")

@@ -1,0 +1,117 @@
+"""The resolved configuration of a training run: CLI flags and YAML recipes both fill this dataclass."""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from spt_embed.config import Init, Placement, _enum_value
+
+TRAIN_CONFIG_NAME = "train_config.json"
+
+
+class Scheduler(str, enum.Enum):
+    LINEAR = "linear"
+    COSINE = "cosine"
+    CONSTANT = "constant_with_warmup"
+
+
+@dataclass
+class TrainConfig:
+    """Suffix prompt tuning with in-batch InfoNCE; every field is a `spt-embed train` flag and a YAML key."""
+
+    output: str = field(default="", metadata={"help": "Output folder: adapter, logs, plot, checkpoints/."})
+    backbone: str = field(default="smollm2-135m", metadata={"help": "Registered name, HF directory or GGUF file."})
+    data: list[str] = field(
+        default_factory=lambda: ["snli-triplets"],
+        metadata={"help": "Training sources: preset names or files (jsonl/csv/tsv/parquet/saved dataset)."},
+    )
+    anchor_column: str | None = field(default=None, metadata={"help": "Column holding the anchor text."})
+    positive_column: str | None = field(default=None, metadata={"help": "Column holding the positive text."})
+    negative_column: str | None = field(default=None, metadata={"help": "Column holding a hard negative."})
+    max_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
+    num_tokens: int = field(default=16, metadata={"help": "K soft tokens."})
+    init: Init = field(default=Init.TEXT, metadata={"help": "Soft-token init: random, vocab or text."})
+    init_text: str | None = field(default=None, metadata={"help": "Text for init=text (PromptEOL tail if unset)."})
+    placement: Placement = field(default=Placement.SUFFIX, metadata={"help": "suffix or prefix."})
+    max_length: int = field(default=128, metadata={"help": "Max tokens per training text incl. soft tokens."})
+    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    batch_size: int = field(default=32, metadata={"help": "Rows per step (per process)."})
+    max_steps: int = field(default=300, metadata={"help": "Optimiser steps."})
+    warmup_steps: int = field(default=10, metadata={"help": "Linear warm-up steps."})
+    scheduler: Scheduler = field(default=Scheduler.LINEAR, metadata={"help": "LR decay after warm-up."})
+    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature (scale = 1/temperature)."})
+    symmetric: bool = field(default=False, metadata={"help": "Also score positives against anchors."})
+    cached: bool = field(default=False, metadata={"help": "GradCache (CachedMNRL): big batches in small memory."})
+    mini_batch_size: int = field(default=16, metadata={"help": "Mini-batch size of the cached loss."})
+    eval_steps: int = field(default=50, metadata={"help": "Evaluate on STS-B dev every N steps (0: never)."})
+    eval_pairs: int = field(default=0, metadata={"help": "Random STS-B dev pairs to evaluate on (0: all 1500)."})
+    save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (the best is always kept)."})
+    logging_steps: int = field(default=5, metadata={"help": "Log the loss every N steps."})
+    seed: int = field(default=42, metadata={"help": "Seed for init, data order and everything else."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        self.init = _enum_value(Init, self.init, "init")
+        self.placement = _enum_value(Placement, self.placement, "placement")
+        self.scheduler = _enum_value(Scheduler, self.scheduler, "scheduler")
+        positive = {"num_tokens", "batch_size", "max_steps", "max_length", "logging_steps", "mini_batch_size"}
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("lr", "temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+        if self.eval_steps and self.save_steps % self.eval_steps:
+            raise ValueError(
+                f"save_steps={self.save_steps} must be a multiple of eval_steps={self.eval_steps}: the best dev "
+                f"checkpoint is kept, so every evaluated step needs a checkpoint."
+            )
+        if not self.data:
+            raise ValueError("No training data: pass --data with a preset name or a file.")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key, value in data.items():
+            if isinstance(value, enum.Enum):
+                data[key] = value.value
+        return data
+
+    def save(self, directory: str | Path) -> None:
+        from spt_embed import __version__
+
+        payload = {**self.to_dict(), "spt_embed_version": __version__}
+        (Path(directory) / TRAIN_CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_sources(cls, yaml_path: str | None = None, **overrides: Any) -> TrainConfig:
+        """A YAML recipe (if any) with explicit overrides on top; unknown keys are errors."""
+        values: dict[str, Any] = {}
+        if yaml_path:
+            values.update(_read_yaml(Path(yaml_path)))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown training option(s) {unknown}; known: {sorted(known)}.")
+        return cls(**values)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"Training config {path} does not exist.")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of option: value, got {type(values).__name__}.")
+    return values

@@ -1,0 +1,155 @@
+"""Seconds per training step and peak memory on the default SmolLM2 backbone, one process per measurement.
+
+    python train/bench_step.py                # writes train/results/bench_step.json and prints a table
+
+Modes, each on the same batch of SNLI rows (32 pairs, then 32 triplets), timed after one warm-up step:
+  forward  encoder forward of every column under no_grad (the cost of merely reading the texts)
+  full     SPT step, backprop through all tokens (full pass over [text | soft tokens])
+  fast     SPT step on the causal fast path (text under no_grad with a KV cache, then K soft tokens with grad)
+  lora     contrastive LoRA step (peft, r=16 on q,k,v,o; last-token pooling, no soft tokens)
+Peak memory is the child process's peak RSS (ru_maxrss), model weights included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ["forward", "full", "fast", "lora"]
+KINDS = {"pairs": ["anchor", "positive"], "triplets": ["anchor", "positive", "negative"]}
+
+
+def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int) -> dict:
+    import torch
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    import spt_embed
+    from spt_embed.data import load_pairs
+
+    torch.manual_seed(0)
+    rows = load_pairs("snli-triplets").select(range(batch_size))
+    model = spt_embed.SuffixPromptEncoder.from_backbone("smollm2-135m", num_tokens=num_tokens, device="cpu")
+    module = model.prompt_module
+    features = [module.preprocess(rows[column]) for column in KINDS[kind]]
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loss_fn = MultipleNegativesRankingLoss(model, scale=20.0)
+    if mode == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        module.soft_prompt.requires_grad_(False)
+        lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        module.backbone = inject_adapter_in_model(lora, module.backbone)
+        module.forward_path = spt_embed.ForwardPath.FULL
+    elif mode in ("full", "fast"):
+        module.forward_path = spt_embed.ForwardPath(mode)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+
+    def step() -> None:
+        if mode == "forward":
+            with torch.no_grad():
+                for feats in features:
+                    module(dict(feats))
+            return
+        optimizer.zero_grad()
+        loss = loss_fn([dict(f) for f in features], None)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    lengths = [int(f["attention_mask"].sum()) for f in features]
+    padded = [f["attention_mask"].numel() for f in features]
+    return {
+        "mode": mode,
+        "kind": kind,
+        "median_s": statistics.median(times),
+        "steps_s": times,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_after_load_mb": rss_loaded,
+        "trainable_params": sum(p.numel() for p in params),
+        "text_tokens": sum(lengths),
+        "padded_text_tokens": sum(padded),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (median reported)")
+    parser.add_argument("--num-tokens", type=int, default=16)
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    parser.add_argument("--output", default="train/results/bench_step.json")
+    parser.add_argument("--child", nargs=2, metavar=("MODE", "KIND"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        result = child(*args.child, args.batch_size, args.steps, args.num_tokens)
+        print("RESULT " + json.dumps(result))
+        return
+
+    import torch
+
+    results = []
+    for kind in args.kinds:
+        for mode in args.modes:
+            cmd = [sys.executable, __file__, "--child", mode, kind, "--batch-size", str(args.batch_size),
+                   "--steps", str(args.steps), "--num-tokens", str(args.num_tokens)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                sys.exit(f"{mode}/{kind} failed:\n{proc.stderr[-3000:]}")
+            results.append(json.loads(lines[-1][len("RESULT "):]))
+            r = results[-1]
+            print(f"{kind:8s} {mode:8s} {r['median_s']:7.2f} s/step  peak RSS {r['peak_rss_mb'] / 1024:5.2f} GB",
+                  flush=True)
+
+    ratios = {}
+    for kind in args.kinds:
+        by_mode = {r["mode"]: r for r in results if r["kind"] == kind}
+        if {"forward", "full", "fast", "lora"} <= set(by_mode):
+            fast = by_mode["fast"]
+            ratios[kind] = {
+                "fast_over_forward": fast["median_s"] / by_mode["forward"]["median_s"],
+                "full_over_fast": by_mode["full"]["median_s"] / fast["median_s"],
+                "lora_over_fast": by_mode["lora"]["median_s"] / fast["median_s"],
+                "fast_mem_over_full": fast["peak_rss_mb"] / by_mode["full"]["peak_rss_mb"],
+            }
+            ratios[kind]["meets_requirements"] = (
+                ratios[kind]["fast_over_forward"] <= 1.3
+                and ratios[kind]["full_over_fast"] >= 1.5
+                and ratios[kind]["lora_over_fast"] >= 1.5
+                and ratios[kind]["fast_mem_over_full"] <= 0.5
+            )
+    report = {
+        "command": "python train/bench_step.py " + " ".join(sys.argv[1:]),
+        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "batch_size": args.batch_size,
+        "num_tokens": args.num_tokens,
+        "results": results,
+        "ratios": ratios,
+    }
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print("\n| batch | mode | s/step (median) | peak RSS |\n|---|---|---|---|")
+    for r in results:
+        print(f"| {args.batch_size} {r['kind']} | {r['mode']} | {r['median_s']:.2f} | {r['peak_rss_mb'] / 1024:.2f} GB |")
+    for kind, ratio in ratios.items():
+        print(f"{kind}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in ratio.items()))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
