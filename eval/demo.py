@@ -1,8 +1,8 @@
 """The README's main job on the default model (grows with the project).
 
-Builds a suffix-prompt encoder on SmolLM2-135M (GGUF dequantised and cached on first use), encodes a few
-sentences, prints their cosine similarities, saves the adapter, exports a plain SentenceTransformer and checks that
-both reload to the same embeddings.
+Loads the bundled trained adapter `smollm2-135m-nli` (SmolLM2-135M backbone, GGUF dequantised and cached on first
+use) next to an untrained suffix, prints their cosine similarities on a few sentences, saves the trained adapter,
+exports it as a plain SentenceTransformer and checks that both reload to the same embeddings.
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.output)
 
-    model = spt_embed.SuffixPromptEncoder.from_backbone(args.backbone, num_tokens=16, init="text")
-    emb = model.encode(SENTENCES)
-    sim = model.similarity(emb, emb).numpy()
-    print("\nCosine similarities (untrained suffix, PromptEOL-tail init):")
-    for i, text in enumerate(SENTENCES):
-        print(f"  {' '.join(f'{v:5.2f}' for v in sim[i])}  {text}")
+    untrained = spt_embed.SuffixPromptEncoder.from_backbone(args.backbone, num_tokens=16, init="text")
+    model = spt_embed.load("smollm2-135m-nli")
+    for title, encoder in (("untrained suffix, PromptEOL-tail init", untrained), ("bundled smollm2-135m-nli", model)):
+        emb = encoder.encode(SENTENCES)
+        sim = encoder.similarity(emb, emb).numpy()
+        print(f"\nCosine similarities ({title}):")
+        for i, text in enumerate(SENTENCES):
+            print(f"  {' '.join(f'{v:5.2f}' for v in sim[i])}  {text}")
 
     model.save(str(out / "adapter"))
     size = sum(f.stat().st_size for f in (out / "adapter").rglob("*") if f.is_file())

@@ -71,6 +71,9 @@ class SuffixPromptModule(InputModule):
         device = next(self.backbone.parameters()).device
         self.soft_prompt = torch.nn.Parameter(soft_prompt.detach().to(device=device, dtype=torch.float32).clone())
         self.forward_path = ForwardPath.AUTO
+        # Rows per length-sorted chunk on the fast path: smaller chunks waste less on padding, larger ones use
+        # the matrix units better (train/bench_step.py --chunk-rows measures the trade-off).
+        self.fast_chunk_rows = 8
         self.save_backbone = False
         self._logged_path: ForwardPath | None = None
         self._warned_empty = False
@@ -210,6 +213,17 @@ class SuffixPromptModule(InputModule):
     def _fast_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # Under causal attention the soft tokens cannot change the text's hidden states, so the text needs no
         # graph: run it once without gradients, keep its keys/values, then run only the K soft tokens on top.
+        # Rows go through in chunks of similar length: a random training batch is about half padding otherwise.
+        lengths = attention_mask.sum(-1)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        pooled = []
+        for rows in order.split(self.fast_chunk_rows):
+            width = int(lengths[rows].max())  # left padding: the real tokens are the last `width` columns
+            ids, mask = input_ids[rows, input_ids.shape[1] - width :], attention_mask[rows, input_ids.shape[1] - width :]
+            pooled.append(self._fast_chunk(ids, mask) if width else self._full_forward(ids, mask))
+        return torch.cat(pooled)[torch.argsort(order)]  # (B, H) in the input order
+
+    def _fast_chunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             text_out = self.backbone(
                 input_ids=input_ids,
@@ -219,8 +233,8 @@ class SuffixPromptModule(InputModule):
             )
         batch = input_ids.shape[0]
         dtype = self.backbone.get_input_embeddings().weight.dtype
-        soft = self.soft_prompt.to(dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, K, H)
-        full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, self.num_tokens)], dim=1)  # (B, L+K)
+        soft = self.soft_prompt.to(dtype).unsqueeze(0).expand(batch, -1, -1)  # (b, K, H)
+        full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, self.num_tokens)], dim=1)  # (b, L+K)
         out = self.backbone(
             inputs_embeds=soft,
             attention_mask=full_mask,
@@ -228,7 +242,7 @@ class SuffixPromptModule(InputModule):
             past_key_values=text_out.past_key_values,
             use_cache=True,
         )
-        return last_token_pool(out.last_hidden_state)  # (B, H)
+        return last_token_pool(out.last_hidden_state)  # (b, H)
 
     # ----- persistence --------------------------------------------------------------------------------------
 
@@ -259,9 +273,12 @@ class SuffixPromptModule(InputModule):
         if not folder.is_dir():
             raise FileNotFoundError(f"Adapter folder {folder} does not exist (spt-embed loads local folders only).")
         config = SuffixPromptConfig.load(folder)
-        source = options.get("backbone") or config.backbone.source
-        if str(source) not in NAMED_BACKBONES and not Path(source).is_absolute():
-            source = folder / source
+        source = options.get("backbone")
+        if source is None:
+            source = config.backbone.source
+            # A self-contained folder names its backbone relative to itself ("backbone").
+            if source not in NAMED_BACKBONES and not Path(source).is_absolute():
+                source = folder / source
         backbone = load_backbone(source, dtype=options.get("dtype", torch.float32))
         if backbone.ref.hidden_size != config.backbone.hidden_size:
             raise ValueError(

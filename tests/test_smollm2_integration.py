@@ -59,3 +59,13 @@ def test_info_counts_9216_trainable(first_load, cache, tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert "trainable parameters  9,216" in out
     assert "total parameters      134,524,224" in out
+
+
+def test_bundled_trained_adapter(cache, monkeypatch):
+    monkeypatch.setenv("SPT_EMBED_CACHE", str(cache))
+    model = spt_embed.load("smollm2-135m-nli")
+    emb = model.encode(SENTENCES)
+    sim = model.similarity(emb, emb).numpy()
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert sim[0, 1] > sim[0, 2]  # the paraphrase ranks above the cat
+    assert sim[0, 1] - sim[0, 3] > 0.2  # trained: paraphrase far above unrelated news

@@ -8,6 +8,11 @@ Modes, each on the same batch of SNLI rows (32 pairs, then 32 triplets), timed a
   fast     SPT step on the causal fast path (text under no_grad with a KV cache, then K soft tokens with grad)
   lora     contrastive LoRA step (peft, r=16 on q,k,v,o; last-token pooling, no soft tokens)
 Peak memory is the child process's peak RSS (ru_maxrss), model weights included.
+
+`--texts wiki` swaps the short SNLI sentences for longer ones (the first 32 Wikipedia lines of 30-60 words, as
+pairs) to show how the ratios depend on text length: the fast path costs about text + 2K token-passes (the soft
+tokens' forward and their input-gradient backward; frozen weights need no weight gradients) against text + K for the
+no-grad forward.
 """
 
 from __future__ import annotations
@@ -26,17 +31,26 @@ MODES = ["forward", "full", "fast", "lora"]
 KINDS = {"pairs": ["anchor", "positive"], "triplets": ["anchor", "positive", "negative"]}
 
 
-def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int) -> dict:
+def batch_rows(texts: str, batch_size: int):
+    from spt_embed.data import load_pairs
+
+    if texts == "snli":
+        return load_pairs("snli-triplets").select(range(batch_size))
+    wiki = load_pairs("wiki-unsup")
+    keep = [i for i, text in enumerate(wiki["anchor"]) if 30 <= len(text.split()) <= 60][:batch_size]
+    return wiki.select(keep)
+
+
+def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int, texts: str, chunk_rows: int) -> dict:
     import torch
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     import spt_embed
-    from spt_embed.data import load_pairs
-
     torch.manual_seed(0)
-    rows = load_pairs("snli-triplets").select(range(batch_size))
+    rows = batch_rows(texts, batch_size)
     model = spt_embed.SuffixPromptEncoder.from_backbone("smollm2-135m", num_tokens=num_tokens, device="cpu")
     module = model.prompt_module
+    module.fast_chunk_rows = chunk_rows
     features = [module.preprocess(rows[column]) for column in KINDS[kind]]
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     loss_fn = MultipleNegativesRankingLoss(model, scale=20.0)
@@ -91,29 +105,36 @@ def main() -> None:
     parser.add_argument("--num-tokens", type=int, default=16)
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
-    parser.add_argument("--output", default="train/results/bench_step.json")
+    parser.add_argument("--chunk-rows", type=int, default=8, help="rows per length-sorted chunk on the fast path")
+    parser.add_argument("--texts", default="snli", choices=["snli", "wiki"], help="short SNLI or long wiki texts")
+    parser.add_argument("--output", default=None, help="default: train/results/bench_step[_wiki].json")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "KIND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = child(*args.child, args.batch_size, args.steps, args.num_tokens)
+        result = child(*args.child, args.batch_size, args.steps, args.num_tokens, args.texts, args.chunk_rows)
         print("RESULT " + json.dumps(result))
         return
 
     import torch
 
+    if args.texts == "wiki" and "triplets" in args.kinds:
+        args.kinds = ["pairs"]  # wiki lines have no hard negatives
+    suffix = ("" if args.texts == "snli" else f"_{args.texts}") + ("" if args.chunk_rows == 8 else f"_chunk{args.chunk_rows}")
+    args.output = args.output or f"train/results/bench_step{suffix}.json"
     results = []
     for kind in args.kinds:
         for mode in args.modes:
             cmd = [sys.executable, __file__, "--child", mode, kind, "--batch-size", str(args.batch_size),
-                   "--steps", str(args.steps), "--num-tokens", str(args.num_tokens)]
+                   "--steps", str(args.steps), "--num-tokens", str(args.num_tokens), "--texts", args.texts,
+                   "--chunk-rows", str(args.chunk_rows)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 sys.exit(f"{mode}/{kind} failed:\n{proc.stderr[-3000:]}")
             results.append(json.loads(lines[-1][len("RESULT "):]))
             r = results[-1]
-            print(f"{kind:8s} {mode:8s} {r['median_s']:7.2f} s/step  peak RSS {r['peak_rss_mb'] / 1024:5.2f} GB",
-                  flush=True)
+            print(f"{kind:8s} {mode:8s} {r['median_s']:7.2f} s/step  peak RSS {r['peak_rss_mb'] / 1024:5.2f} GB  "
+                  f"text tokens {r['text_tokens']} ({r['padded_text_tokens']} padded)", flush=True)
 
     ratios = {}
     for kind in args.kinds:
@@ -136,6 +157,8 @@ def main() -> None:
         "command": "python train/bench_step.py " + " ".join(sys.argv[1:]),
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
         "batch_size": args.batch_size,
+        "texts": args.texts,
+        "fast_chunk_rows": args.chunk_rows,
         "num_tokens": args.num_tokens,
         "results": results,
         "ratios": ratios,
