@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -13,20 +14,44 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from sentence_transformers.base.modules.input_module import InputModule
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
 
 from spt_embed.backbone import NAMED_BACKBONES, Backbone, load_backbone
 from spt_embed.config import CONFIG_NAME, WEIGHTS_KEY, WEIGHTS_NAME, Init, Placement, SuffixPromptConfig
 from spt_embed.soft_prompt import (
+    expand_soft_prompt,
     init_soft_prompt,
     last_token_pool,
     left_pad_position_ids,
+    pack_texts,
     splice,
     suffix_position_ids,
+    unpack_states,
 )
 
 logger = logging.getLogger(__name__)
 
 BACKBONE_SUBDIR = "backbone"
+
+
+@contextlib.contextmanager
+def grouped_query_sdpa():
+    """Let SDPA attend grouped-query heads in place instead of copying keys/values once per query head.
+
+    transformers copies them (`repeat_kv`) on CPU unless TRANSFORMERS_SDPA_FORCE_GQA=1, and autograd keeps the
+    copies: on SmolLM2 (3 key/value heads for 9 query heads) that is about 300 MB of a 32-pair training step.
+    Same numbers either way; a user's own setting of the variable wins.
+    """
+    name = "TRANSFORMERS_SDPA_FORCE_GQA"
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 class ForwardPath(str, enum.Enum):
@@ -39,6 +64,7 @@ class SuffixPromptModule(InputModule):
     """K trainable soft tokens appended to every text; the frozen backbone's last hidden state is the embedding."""
 
     config_file_name = CONFIG_NAME
+    DEFAULT_PACK_TOKENS = 64
     save_in_root = True
 
     def __init__(self, backbone: Backbone, config: SuffixPromptConfig, soft_prompt: torch.Tensor | None = None):
@@ -71,9 +97,9 @@ class SuffixPromptModule(InputModule):
         device = next(self.backbone.parameters()).device
         self.soft_prompt = torch.nn.Parameter(soft_prompt.detach().to(device=device, dtype=torch.float32).clone())
         self.forward_path = ForwardPath.AUTO
-        # Rows per length-sorted chunk on the fast path: smaller chunks waste less on padding, larger ones use
-        # the matrix units better (train/bench_step.py --chunk-rows measures the trade-off).
-        self.fast_chunk_rows = 8
+        # Tokens per packed row in the fast path's text pass: attention inside a row costs row_tokens**2, so rows
+        # stay short; a text longer than this gets a row of its own.
+        self.pack_tokens = self.DEFAULT_PACK_TOKENS
         self.save_backbone = False
         self._logged_path: ForwardPath | None = None
         self._warned_empty = False
@@ -169,10 +195,11 @@ class SuffixPromptModule(InputModule):
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
         input_ids, attention_mask = features["input_ids"], features["attention_mask"]
         path = self.resolve_path(input_ids.shape[1])
-        if path is ForwardPath.FAST:
-            hidden = self._fast_forward(input_ids, attention_mask)
-        else:
-            hidden = self._full_forward(input_ids, attention_mask)
+        with grouped_query_sdpa():
+            if path is ForwardPath.FAST:
+                hidden = self._fast_forward(input_ids, attention_mask)
+            else:
+                hidden = self._full_forward(input_ids, attention_mask)
         features["sentence_embedding"] = hidden
         return features
 
@@ -213,36 +240,31 @@ class SuffixPromptModule(InputModule):
     def _fast_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # Under causal attention the soft tokens cannot change the text's hidden states, so the text needs no
         # graph: run it once without gradients, keep its keys/values, then run only the K soft tokens on top.
-        # Rows go through in chunks of similar length: a random training batch is about half padding otherwise.
-        lengths = attention_mask.sum(-1)
-        order = torch.argsort(lengths, descending=True, stable=True)
-        pooled = []
-        for rows in order.split(self.fast_chunk_rows):
-            width = int(lengths[rows].max())  # left padding: the real tokens are the last `width` columns
-            ids, mask = input_ids[rows, input_ids.shape[1] - width :], attention_mask[rows, input_ids.shape[1] - width :]
-            pooled.append(self._fast_chunk(ids, mask) if width else self._full_forward(ids, mask))
-        return torch.cat(pooled)[torch.argsort(order)]  # (B, H) in the input order
-
-    def _fast_chunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            text_out = self.backbone(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=left_pad_position_ids(attention_mask),
-                use_cache=True,
-            )
-        batch = input_ids.shape[0]
+        # The text pass packs the batch's texts into a few rows (a random training batch is about half padding
+        # otherwise); the soft pass then runs over the whole batch at once on the unpacked keys/values.
+        packed, positions, index = pack_texts(input_ids, attention_mask, self.pack_tokens, self.tokenizer.pad_token_id)
         dtype = self.backbone.get_input_embeddings().weight.dtype
-        soft = self.soft_prompt.to(dtype).unsqueeze(0).expand(batch, -1, -1)  # (b, K, H)
-        full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, self.num_tokens)], dim=1)  # (b, L+K)
+        with torch.no_grad():
+            # Each packed text attends only to itself: transformers builds that block-causal mask from position ids
+            # that restart at 0, but only without a cache, so build it here and hand it over ready-made.
+            shape_only = torch.empty(*packed.shape, 0, dtype=dtype, device=packed.device)  # (R, C, 0)
+            block_mask = create_causal_mask(self.backbone.config, shape_only, None, None, position_ids=positions)
+            text_out = self.backbone(input_ids=packed, position_ids=positions, attention_mask=block_mask, use_cache=True)
+        cache = DynamicCache(
+            ddp_cache_data=[(unpack_states(k, index), unpack_states(v, index)) for k, v, *_ in text_out.past_key_values],
+            config=self.backbone.config,
+        )
+        batch = input_ids.shape[0]
+        soft = expand_soft_prompt(self.soft_prompt, batch, dtype)
+        full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, self.num_tokens)], dim=1)  # (B, L+K)
         out = self.backbone(
             inputs_embeds=soft,
             attention_mask=full_mask,
             position_ids=suffix_position_ids(attention_mask, self.num_tokens),
-            past_key_values=text_out.past_key_values,
+            past_key_values=cache,
             use_cache=True,
         )
-        return last_token_pool(out.last_hidden_state)  # (b, H)
+        return last_token_pool(out.last_hidden_state)  # (B, H)
 
     # ----- persistence --------------------------------------------------------------------------------------
 

@@ -56,11 +56,16 @@ def splice(
     ids from `left_pad_position_ids` stay contiguous, so both layouts pool at index -1.
     """
     batch = text_embeds.shape[0]
-    soft = soft_prompt.to(text_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, K, H)
+    soft = expand_soft_prompt(soft_prompt, batch, text_embeds.dtype)  # (B, K, H)
     soft_mask = attention_mask.new_ones(batch, soft_prompt.shape[0])  # (B, K)
     if Placement(placement) is Placement.SUFFIX:
         return torch.cat([text_embeds, soft], dim=1), torch.cat([attention_mask, soft_mask], dim=1)
     return torch.cat([soft, text_embeds], dim=1), torch.cat([soft_mask, attention_mask], dim=1)
+
+
+def expand_soft_prompt(soft_prompt: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    """The same K soft tokens for every row: (K, H) -> (B, K, H), a view (gradients flow back to the one copy)."""
+    return soft_prompt.to(dtype).unsqueeze(0).expand(batch, -1, -1)
 
 
 def suffix_position_ids(text_attention_mask: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -72,3 +77,53 @@ def suffix_position_ids(text_attention_mask: torch.Tensor, num_tokens: int) -> t
 def last_token_pool(hidden_states: torch.Tensor) -> torch.Tensor:
     """Hidden state of the last position (B, S, H) -> (B, H); with left padding that is a real token in every row."""
     return hidden_states[:, -1]
+
+
+def pack_texts(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, row_tokens: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pack the real tokens of left-padded texts (B, L) into few rows without padding between them.
+
+    Texts go longest first into the first row with room (first-fit decreasing); a row holds at most
+    max(row_tokens, longest text) tokens. Position ids restart at 0 for every text, which is how transformers
+    recognises packed sequences and keeps each one attending only to itself. The unused tail of a row is one more
+    "text" of pad tokens that nothing reads.
+    Returns packed ids (R, C), their position ids (R, C) and `index` (B, L): for each left-padded slot of the
+    input, its flat position in the packed (R * C) layout (padding slots point at 0; they stay masked).
+    """
+    lengths = attention_mask.long().sum(-1).tolist()
+    capacity = max(row_tokens, max(lengths, default=0), 1)
+    width = input_ids.shape[1]
+    rows: list[list[int]] = []  # text indices per packed row
+    room: list[int] = []
+    for b in sorted(range(len(lengths)), key=lambda b: -lengths[b]):
+        if lengths[b] == 0:
+            continue
+        slot = next((r for r, free in enumerate(room) if free >= lengths[b]), None)
+        if slot is None:
+            rows.append([])
+            room.append(capacity)
+            slot = len(rows) - 1
+        rows[slot].append(b)
+        room[slot] -= lengths[b]
+    capacity -= min(room, default=0)  # no row needs more than the fullest one
+    packed = torch.full((max(len(rows), 1), capacity), pad_id, dtype=input_ids.dtype)
+    positions = torch.zeros_like(packed)
+    index = torch.zeros_like(input_ids, dtype=torch.long)
+    for r, members in enumerate(rows):
+        start = 0
+        for b in members:
+            n = lengths[b]
+            packed[r, start : start + n] = input_ids[b, width - n :]
+            positions[r, start : start + n] = torch.arange(n)
+            index[b, width - n :] = r * capacity + start + torch.arange(n)
+            start += n
+        positions[r, start:] = torch.arange(capacity - start)  # the pad tail: its own sequence
+    return packed.to(input_ids.device), positions.to(input_ids.device), index.to(input_ids.device)
+
+
+def unpack_states(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Packed per-token states (R, h, C, d) -> left-padded per-text states (B, h, L, d) by `pack_texts`' index."""
+    rows, heads, capacity, dim = states.shape
+    flat = states.permute(0, 2, 1, 3).reshape(rows * capacity, heads, dim)  # (R*C, h, d)
+    return flat[index].permute(0, 2, 1, 3)  # (B, h, L, d)

@@ -88,12 +88,12 @@ def contrastive_loss(model, path):
     return F.cross_entropy(scores, torch.arange(len(SENTENCES)))
 
 
-@pytest.mark.parametrize("chunk_rows", [1, 3, 8])
+@pytest.mark.parametrize("pack_tokens", [1, 7, 1024])
 @pytest.mark.parametrize("texts", [SENTENCES, ["", *SENTENCES[1:]], ["", ""]], ids=["texts", "with-empty", "empty"])
-def test_fast_path_equals_full_pass(backbone_dir, texts, chunk_rows):
+def test_fast_path_equals_full_pass(backbone_dir, texts, pack_tokens):
     model = make(backbone_dir, num_tokens=5, init="random")
     module = model.prompt_module
-    module.fast_chunk_rows = chunk_rows
+    module.pack_tokens = pack_tokens  # 1: one text per row; 7: several texts share a row; 1024: all in one row
     grads, losses, embs = {}, {}, {}
     for path in (ForwardPath.FULL, ForwardPath.FAST):
         module.soft_prompt.grad = None

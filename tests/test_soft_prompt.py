@@ -2,6 +2,8 @@ import pytest
 import torch
 
 from spt_embed.soft_prompt import (
+    pack_texts,
+    unpack_states,
     init_soft_prompt,
     last_token_pool,
     left_pad_position_ids,
@@ -91,3 +93,23 @@ def test_splice_keeps_gradient_to_soft_prompt():
 def test_last_token_pool():
     hidden = torch.randn(2, 5, 3)
     assert torch.equal(last_token_pool(hidden), hidden[:, -1])
+
+
+def test_pack_texts_layout_and_unpack_roundtrip():
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 0, 0, 11], [0, 0, 0, 0]])  # left padded; pad id 0
+    mask = (ids != 0).long()
+    packed, positions, index = pack_texts(ids, mask, row_tokens=6, pad_id=0)
+    # longest first, first fit: row 0 = [7 8 9 10 | 5 6], row 1 = [11 | pad tail]
+    assert packed.tolist() == [[7, 8, 9, 10, 5, 6], [11, 0, 0, 0, 0, 0]]
+    assert positions.tolist() == [[0, 1, 2, 3, 0, 1], [0, 0, 1, 2, 3, 4]]
+    # per-token states that remember their token id come back in the left-padded layout
+    states = packed.float()[:, None, :, None].expand(-1, 2, -1, 3)  # (R, h, C, d)
+    back = unpack_states(states, index)  # (B, h, L, d)
+    assert back.shape == (4, 2, 4, 3)
+    assert torch.equal(back[:, 0, :, 0] * mask, ids.float() * mask)
+
+
+def test_pack_texts_gives_a_long_text_its_own_row():
+    ids = torch.tensor([[1, 2, 3, 4, 5], [0, 0, 0, 6, 7]])
+    packed, _, _ = pack_texts(ids, (ids != 0).long(), row_tokens=2, pad_id=0)
+    assert packed.tolist() == [[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]]

@@ -7,7 +7,10 @@ Modes, each on the same batch of SNLI rows (32 pairs, then 32 triplets), timed a
   full     SPT step, backprop through all tokens (full pass over [text | soft tokens])
   fast     SPT step on the causal fast path (text under no_grad with a KV cache, then K soft tokens with grad)
   lora     contrastive LoRA step (peft, r=16 on q,k,v,o; last-token pooling, no soft tokens)
-Peak memory is the child process's peak RSS (ru_maxrss), model weights included.
+Memory, read from /proc/self/status around the timed steps (the peak is reset with /proc/self/clear_refs first):
+  peak_rss_mb   the process's peak resident memory during the steps, model weights and runtime included
+  step_mem_mb   that peak minus the resident memory just before the first step: what the step itself adds
+                (activations kept for backward, gradients, optimiser state); the weights are the same in every mode
 
 `--texts wiki` swaps the short SNLI sentences for longer ones (the first 32 Wikipedia lines of 30-60 words, as
 pairs) to show how the ratios depend on text length: the fast path costs about text + 2K token-passes (the soft
@@ -20,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,7 +43,15 @@ def batch_rows(texts: str, batch_size: int):
     return wiki.select(keep)
 
 
-def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int, texts: str, chunk_rows: int) -> dict:
+def memory_mb(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS now, VmHWM the peak since the last reset) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int, texts: str, pack_tokens: int) -> dict:
     import torch
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
@@ -50,9 +60,8 @@ def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int, te
     rows = batch_rows(texts, batch_size)
     model = spt_embed.SuffixPromptEncoder.from_backbone("smollm2-135m", num_tokens=num_tokens, device="cpu")
     module = model.prompt_module
-    module.fast_chunk_rows = chunk_rows
+    module.pack_tokens = pack_tokens
     features = [module.preprocess(rows[column]) for column in KINDS[kind]]
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     loss_fn = MultipleNegativesRankingLoss(model, scale=20.0)
     if mode == "lora":
         from peft import LoraConfig, inject_adapter_in_model
@@ -77,6 +86,8 @@ def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int, te
         loss.backward()
         optimizer.step()
 
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    rss_before = memory_mb("VmRSS")
     step()  # warm-up
     times = []
     for _ in range(steps):
@@ -90,8 +101,9 @@ def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int, te
         "kind": kind,
         "median_s": statistics.median(times),
         "steps_s": times,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "rss_after_load_mb": rss_loaded,
+        "peak_rss_mb": memory_mb("VmHWM"),
+        "rss_before_steps_mb": rss_before,
+        "step_mem_mb": memory_mb("VmHWM") - rss_before,
         "trainable_params": sum(p.numel() for p in params),
         "text_tokens": sum(lengths),
         "padded_text_tokens": sum(padded),
@@ -101,17 +113,18 @@ def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int, te
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (median reported)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up (median reported)")
     parser.add_argument("--num-tokens", type=int, default=16)
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
-    parser.add_argument("--chunk-rows", type=int, default=8, help="rows per length-sorted chunk on the fast path")
+    parser.add_argument("--pack-tokens", type=int, default=None, help="tokens per packed row in the fast path's text "
+                        "pass (default: the module's)")
     parser.add_argument("--texts", default="snli", choices=["snli", "wiki"], help="short SNLI or long wiki texts")
     parser.add_argument("--output", default=None, help="default: train/results/bench_step[_wiki].json")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "KIND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = child(*args.child, args.batch_size, args.steps, args.num_tokens, args.texts, args.chunk_rows)
+        result = child(*args.child, args.batch_size, args.steps, args.num_tokens, args.texts, args.pack_tokens)
         print("RESULT " + json.dumps(result))
         return
 
@@ -119,14 +132,18 @@ def main() -> None:
 
     if args.texts == "wiki" and "triplets" in args.kinds:
         args.kinds = ["pairs"]  # wiki lines have no hard negatives
-    suffix = ("" if args.texts == "snli" else f"_{args.texts}") + ("" if args.chunk_rows == 8 else f"_chunk{args.chunk_rows}")
+    from spt_embed.module import SuffixPromptModule
+
+    args.pack_tokens = args.pack_tokens or SuffixPromptModule.DEFAULT_PACK_TOKENS
+    suffix = "" if args.texts == "snli" else f"_{args.texts}"
+    suffix += "" if args.pack_tokens == SuffixPromptModule.DEFAULT_PACK_TOKENS else f"_pack{args.pack_tokens}"
     args.output = args.output or f"train/results/bench_step{suffix}.json"
     results = []
     for kind in args.kinds:
         for mode in args.modes:
             cmd = [sys.executable, __file__, "--child", mode, kind, "--batch-size", str(args.batch_size),
                    "--steps", str(args.steps), "--num-tokens", str(args.num_tokens), "--texts", args.texts,
-                   "--chunk-rows", str(args.chunk_rows)]
+                   "--pack-tokens", str(args.pack_tokens)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
@@ -134,6 +151,7 @@ def main() -> None:
             results.append(json.loads(lines[-1][len("RESULT "):]))
             r = results[-1]
             print(f"{kind:8s} {mode:8s} {r['median_s']:7.2f} s/step  peak RSS {r['peak_rss_mb'] / 1024:5.2f} GB  "
+                  f"step memory {r['step_mem_mb'] / 1024:5.2f} GB  "
                   f"text tokens {r['text_tokens']} ({r['padded_text_tokens']} padded)", flush=True)
 
     ratios = {}
@@ -145,7 +163,8 @@ def main() -> None:
                 "fast_over_forward": fast["median_s"] / by_mode["forward"]["median_s"],
                 "full_over_fast": by_mode["full"]["median_s"] / fast["median_s"],
                 "lora_over_fast": by_mode["lora"]["median_s"] / fast["median_s"],
-                "fast_mem_over_full": fast["peak_rss_mb"] / by_mode["full"]["peak_rss_mb"],
+                "fast_mem_over_full": fast["step_mem_mb"] / by_mode["full"]["step_mem_mb"],
+                "fast_peak_rss_over_full": fast["peak_rss_mb"] / by_mode["full"]["peak_rss_mb"],
             }
             ratios[kind]["meets_requirements"] = (
                 ratios[kind]["fast_over_forward"] <= 1.3
@@ -158,7 +177,7 @@ def main() -> None:
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
         "batch_size": args.batch_size,
         "texts": args.texts,
-        "fast_chunk_rows": args.chunk_rows,
+        "pack_tokens": args.pack_tokens,
         "num_tokens": args.num_tokens,
         "results": results,
         "ratios": ratios,
@@ -166,9 +185,10 @@ def main() -> None:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print("\n| batch | mode | s/step (median) | peak RSS |\n|---|---|---|---|")
+    print("\n| batch | mode | s/step (median) | step memory | peak RSS |\n|---|---|---|---|---|")
     for r in results:
-        print(f"| {args.batch_size} {r['kind']} | {r['mode']} | {r['median_s']:.2f} | {r['peak_rss_mb'] / 1024:.2f} GB |")
+        print(f"| {args.batch_size} {r['kind']} | {r['mode']} | {r['median_s']:.2f} | {r['step_mem_mb'] / 1024:.2f} GB "
+              f"| {r['peak_rss_mb'] / 1024:.2f} GB |")
     for kind, ratio in ratios.items():
         print(f"{kind}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in ratio.items()))
     print(f"wrote {out}")
