@@ -6,6 +6,8 @@ from spt_embed.backbone import load_backbone  # noqa: E402
 from spt_embed.config import BackboneRef, Init, Placement, SuffixPromptConfig  # noqa: E402
 from spt_embed.encoder import SuffixPromptEncoder, load, save  # noqa: E402
 from spt_embed.export import export  # noqa: E402
+from spt_embed.mntp import mntp  # noqa: E402
+from spt_embed.mntp_config import MNTPConfig  # noqa: E402
 from spt_embed.module import ForwardPath, SuffixPromptModule  # noqa: E402
 from spt_embed.train_config import TrainConfig  # noqa: E402
 from spt_embed.training import train  # noqa: E402
@@ -14,6 +16,7 @@ __all__ = [
     "BackboneRef",
     "ForwardPath",
     "Init",
+    "MNTPConfig",
     "Placement",
     "SuffixPromptConfig",
     "SuffixPromptEncoder",
@@ -23,6 +26,7 @@ __all__ = [
     "export",
     "load",
     "load_backbone",
+    "mntp",
     "save",
     "train",
 ]

@@ -187,6 +187,12 @@ def load_backbone(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"Could not load a backbone from {model_dir}: {exc}") from exc
+    if getattr(model.config, "is_causal", True) is False:
+        from spt_embed.bidirectional import make_bidirectional
+
+        # config.json asks for bidirectional attention (e.g. `spt-embed mntp` output): check that this
+        # architecture honours the flag rather than silently running causally.
+        make_bidirectional(model)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"The tokenizer in {model_dir} has neither a pad nor an eos token; set pad_token first.")

@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(tr)
     tr.set_defaults(func=_cmd_train)
 
+    from spt_embed.mntp import add_mntp_parser
+
+    add_mntp_parser(sub)
+
     exp = sub.add_parser("export", help="write a plain SentenceTransformer folder (no custom code needed to load)")
     exp.add_argument("model", help="adapter folder or bundled adapter name")
     exp.add_argument("output", help="output folder")

@@ -1,4 +1,4 @@
-"""Tiny random Llama and Qwen2 backbones with a word-level tokenizer, all built here: no network."""
+"""Tiny random Llama, Qwen2 (and Mistral) backbones with a word-level tokenizer, all built here: no network."""
 
 from __future__ import annotations
 
@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2Model, Qwen2Tokenizer
+from transformers import (
+    LlamaConfig,
+    LlamaModel,
+    MistralConfig,
+    MistralModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2Model,
+    Qwen2Tokenizer,
+)
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 WORDS = (
@@ -61,6 +70,8 @@ def _config(arch: str, hidden: int, vocab_size: int):
     )
     if arch == "llama":
         return LlamaModel, LlamaConfig(**common)
+    if arch == "mistral":
+        return MistralModel, MistralConfig(**common)
     return Qwen2Model, Qwen2Config(**common)
 
 

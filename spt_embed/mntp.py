@@ -1,0 +1,373 @@
+"""`spt-embed mntp`: the bidirectional stage (LLM2Vec): causal attention off, LoRA trained with masked next-token
+prediction (MNTP, see spt_embed.masking), LoRA merged, backbone saved for `spt-embed train --backbone OUT`.
+
+Choices a user should know about:
+- The corpus is a plain-text file (one text per line) or jsonl; blank lines are dropped. Texts longer than
+  ``max_length`` tokens are truncated (their tail is dropped, the count is logged). A seeded random sample of
+  ``eval_lines`` texts is held out to measure the MNTP loss before and after training (``mntp_eval.json``).
+- The merged model is saved with its language-model head (as a causal LM; LoRA does not touch the head): the
+  folder's config.json records ``is_causal: false``, `load_backbone` reads the base decoder out of it with
+  AutoModel, and the folder can also be the starting point of more MNTP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from spt_embed.masking import IGNORE, MNTPCollator, mntp_loss, resolve_mask_token_id, tokenize_corpus
+from spt_embed.mntp_config import MNTP_CONFIG_NAME, WIKI1M, MNTPConfig
+
+logger = logging.getLogger(__name__)
+
+EVAL_NAME = "mntp_eval.json"
+LOG_NAME = "mntp_log.jsonl"
+CHECKPOINTS = "checkpoints"
+WIKI1M_FILE = "wiki1m_prefix/wiki1m_for_simcse.first11914lines.txt"
+
+
+def load_corpus(corpus: str | os.PathLike, *, text_field: str = "text") -> list[str]:
+    """Non-empty texts of a plain-text or jsonl file ('wiki1m': the bundled sample); blank lines are dropped."""
+    from spt_embed.data import data_root
+    from spt_embed.texts import read_texts
+
+    path = data_root() / WIKI1M_FILE if str(corpus) == WIKI1M else Path(corpus).expanduser()
+    texts = [text for text in read_texts(path, text_field=text_field) if text.strip()]
+    if not texts:
+        raise ValueError(f"Corpus {path} has no non-empty text; MNTP needs text to train on.")
+    return texts
+
+
+@torch.no_grad()
+def heldout_metrics(model, rows, collator: MNTPCollator, batch_size: int, seed: int) -> dict[str, float]:
+    """Token-weighted MNTP loss and top-1 accuracy on `rows`, with masks fixed by `seed` (same before and after)."""
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    collator = dataclasses.replace(collator, generator=torch.Generator().manual_seed(seed))
+    device = next(model.parameters()).device
+    total, correct, count = 0.0, 0, 0
+    for start in tqdm(range(0, len(rows), batch_size), desc="held-out MNTP loss", leave=False):
+        batch = collator(rows[start : start + batch_size])
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False
+        ).logits  # (B, L, V)
+        labels = batch["labels"].to(device)
+        keep = labels != IGNORE
+        total += float(mntp_loss(logits, labels, reduction="sum"))
+        correct += int((logits[keep].argmax(-1) == labels[keep]).sum())
+        count += int(keep.sum())
+    model.train(was_training)
+    return {"loss": total / max(count, 1), "accuracy": correct / max(count, 1), "targets": count}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+class MNTPTrainer(Trainer):
+    """The HF Trainer with the MNTP loss; the model never sees the labels, so its own causal-LM loss (which
+    shifts again) is never computed."""
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs, use_cache=False)
+        loss = mntp_loss(outputs.logits, labels)
+        return (loss, outputs) if return_outputs else loss
+
+
+def load_causal_lm(spec: str):
+    """The backbone as a bidirectional causal LM (the LM head predicts the masked tokens) + tokenizer + base
+    fingerprint (equal to load_backbone(spec).ref.fingerprint)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from spt_embed.backbone import fingerprint, gguf_cache_path, resolve_source
+    from spt_embed.bidirectional import check_supported, make_bidirectional
+
+    kind, path = resolve_source(spec)
+    model_dir = gguf_cache_path(path) if kind == "gguf" else path
+    model_config = AutoConfig.from_pretrained(model_dir)
+    check_supported(model_config)  # before loading any weights
+    model_config.is_causal = False
+    model, info = AutoModelForCausalLM.from_pretrained(
+        model_dir, config=model_config, dtype=torch.float32, output_loading_info=True
+    )
+    head = {name for name in info["missing_keys"] if "lm_head" in name}
+    if head:
+        raise ValueError(
+            f"{model_dir} holds a base decoder without its language-model head ({sorted(head)} missing): MNTP "
+            f"predicts tokens with that head. Pass the full causal-LM checkpoint (or the GGUF / registered name)."
+        )
+    make_bidirectional(model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"The tokenizer in {model_dir} has neither a pad nor an eos token; set pad_token first.")
+        tokenizer.pad_token = tokenizer.eos_token  # pads are masked out, any real id serves
+    return model, tokenizer, fingerprint(model.get_decoder())
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    """The newest checkpoint whose LoRA, optimiser and trainer state are all present and readable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = output / CHECKPOINTS
+    candidates = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True)
+    for candidate in candidates:
+        try:
+            json.loads((candidate / "trainer_state.json").read_text())
+            load_file(str(candidate / "adapter_model.safetensors"))
+            if not (candidate / "optimizer.pt").is_file() or not (candidate / "scheduler.pt").is_file():
+                raise FileNotFoundError("optimizer or scheduler state missing")
+        except (OSError, ValueError, SafetensorError) as exc:
+            logger.warning("Skipping incomplete checkpoint %s (%s)", candidate, exc)
+            continue
+        return candidate
+    return None
+
+
+def check_resume(output: Path, config: MNTPConfig, base_fingerprint: str) -> None:
+    """Refuse to resume LoRA checkpoints that belong to another backbone or another LoRA shape."""
+    path = output / MNTP_CONFIG_NAME
+    if not path.is_file():
+        raise ValueError(
+            f"{output} has checkpoints but no {MNTP_CONFIG_NAME}: they were not written by `spt-embed mntp`. "
+            f"Choose another --output."
+        )
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved.get("base_fingerprint") != base_fingerprint:
+        raise ValueError(
+            f"The LoRA checkpoints in {output} were trained on backbone {saved.get('backbone')!r} (fingerprint "
+            f"{saved.get('base_fingerprint')}), but --backbone {config.backbone!r} has fingerprint {base_fingerprint}. "
+            f"Resume with --backbone {saved.get('backbone')!r}, or choose another --output (nothing was changed)."
+        )
+    for name in ("lora_r", "lora_alpha", "lora_targets"):
+        if saved.get(name) != getattr(config, name):
+            raise ValueError(
+                f"The checkpoints in {output} have {name}={saved.get(name)!r}, this run {getattr(config, name)!r}; "
+                f"resume with the same LoRA settings or choose another --output."
+            )
+
+
+def mntp(
+    config: MNTPConfig | None = None,
+    *,
+    resume: bool = False,
+    callbacks: list[TrainerCallback] | None = None,
+    **options: Any,
+) -> Path:
+    """Train LoRA with bidirectional MNTP, merge it and save the backbone to config.output; returns that folder.
+
+    `spt_embed.mntp.mntp(output="out/bi", corpus="texts.txt", max_steps=300)` takes the same options as the CLI.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments, set_seed
+
+    from spt_embed.training import JsonlLogCallback, is_main_process
+
+    config = dataclasses.replace(config, **options) if config is not None else MNTPConfig(**options)
+    if not config.output:
+        raise ValueError("No output folder: pass output='out/my-backbone' (CLI: --output).")
+    output = Path(config.output)
+    has_checkpoints = (output / CHECKPOINTS).is_dir() and any((output / CHECKPOINTS).iterdir())
+    if not resume and has_checkpoints:
+        raise FileExistsError(
+            f"{output / CHECKPOINTS} already holds checkpoints; pass --resume to continue that run, or choose "
+            f"another --output (nothing was overwritten)."
+        )
+    if not resume and (output / "config.json").is_file():
+        raise FileExistsError(f"{output} already holds a backbone; choose another --output (nothing was overwritten).")
+
+    texts = load_corpus(config.corpus, text_field=config.text_field)
+    if len(texts) <= config.eval_lines:
+        raise ValueError(
+            f"The corpus has {len(texts)} non-empty texts, not more than --eval-lines {config.eval_lines} held out "
+            f"for evaluation; add text or lower --eval-lines (0 skips the held-out evaluation)."
+        )
+    model, tokenizer, base_fingerprint = load_causal_lm(config.backbone)
+    mask_token_id = resolve_mask_token_id(tokenizer, config.mask_token)
+    checkpoint = latest_checkpoint(output) if resume else None
+    if resume and checkpoint is None:
+        logger.warning("--resume: no complete checkpoint in %s; starting from scratch.", output / CHECKPOINTS)
+    if checkpoint is not None:
+        check_resume(output, config, base_fingerprint)
+
+    held_out = set(random.Random(config.seed).sample(range(len(texts)), config.eval_lines))
+    train_rows = tokenize_corpus(tokenizer, [t for i, t in enumerate(texts) if i not in held_out], config.max_length)
+    eval_rows = tokenize_corpus(tokenizer, [t for i, t in enumerate(texts) if i in held_out], config.max_length)
+    logger.info(
+        "MNTP on %s: %d training texts, %d held out; mask token %r (id %d)",
+        config.corpus,
+        len(train_rows),
+        len(eval_rows),
+        tokenizer.convert_ids_to_tokens(mask_token_id),
+        mask_token_id,
+    )
+    collator = MNTPCollator(
+        pad_token_id=tokenizer.pad_token_id,
+        mask_token_id=mask_token_id,
+        vocab_size=len(tokenizer),
+        mask_prob=config.mask_prob,
+        seed=config.seed,
+    )
+
+    output.mkdir(parents=True, exist_ok=True)
+    if is_main_process():
+        config.save(output, base_fingerprint=base_fingerprint)
+        if checkpoint is None:
+            (output / LOG_NAME).unlink(missing_ok=True)
+    evaluate = bool(eval_rows) and is_main_process()
+    before = heldout_metrics(model, eval_rows, collator, config.batch_size, config.seed) if evaluate else None
+    if before:
+        logger.info("Held-out MNTP loss before training: %.4f (accuracy %.4f)", before["loss"], before["accuracy"])
+
+    set_seed(config.seed)  # LoRA's A matrices start random
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_targets),
+        bias="none",
+    )
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as exc:
+        raise ValueError(f"LoRA could not be attached ({exc}); check --lora-targets {config.lora_targets}.") from None
+    cuda = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(output / CHECKPOINTS),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        lr_scheduler_type=config.scheduler.value,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        data_seed=config.seed,
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        remove_unused_columns=False,  # the collator needs special_tokens_mask, which the model does not take
+        report_to="none",
+        use_cpu=not cuda,
+        disable_tqdm=not is_main_process(),
+    )
+    trainer = MNTPTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_rows,
+        data_collator=collator,
+        callbacks=[JsonlLogCallback(output / LOG_NAME), *(callbacks or [])],
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if not is_main_process():
+        return output
+
+    merged = trainer.model.merge_and_unload()  # LoRA folded into the weights: a plain causal LM again
+    merged.eval()
+    after = heldout_metrics(merged, eval_rows, collator, config.batch_size, config.seed) if evaluate else None
+    _save_backbone(merged, tokenizer, output)
+    result = {
+        "base_fingerprint": base_fingerprint,
+        "fingerprint": _fingerprint(merged),
+        "steps": trainer.state.global_step,
+    }
+    config.save(output, **result)
+    evaluation = {"heldout_texts": len(eval_rows), "before": before, "after": after, "steps": result["steps"]}
+    (output / EVAL_NAME).write_text(json.dumps(evaluation, indent=2) + "\n", encoding="utf-8")
+    if before and after:
+        logger.info(
+            "Held-out MNTP loss: %.4f before, %.4f after %d steps", before["loss"], after["loss"], result["steps"]
+        )
+    logger.info("Saved the bidirectional backbone to %s; use it with: spt-embed train --backbone %s", output, output)
+    return output
+
+
+def _fingerprint(model) -> str:
+    from spt_embed.backbone import fingerprint
+
+    return fingerprint(model.get_decoder())
+
+
+def _save_backbone(model, tokenizer, output: Path) -> None:
+    """Write the merged causal LM (safetensors, config.json with is_causal=false) and tokenizer into `output`,
+    staged first so that a failed save leaves no half-written model next to the checkpoints."""
+    staging = Path(tempfile.mkdtemp(dir=output, prefix=".staging-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        for item in staging.iterdir():
+            os.replace(item, output / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line (wired into spt_embed.cli)
+
+
+def add_mntp_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `spt-embed mntp`: one flag per MNTPConfig field (unset flags leave the YAML recipe or the default)."""
+    parser = subparsers.add_parser(
+        "mntp",
+        help="bidirectional stage: LoRA + masked next-token prediction, merged into a new backbone",
+        description="Switch causal attention off, train LoRA with masked next-token prediction (LLM2Vec), merge "
+        "it and save the backbone; then: spt-embed train --backbone OUTPUT ...",
+    )
+    parser.add_argument("--config", help="YAML recipe; flags given on the command line override its values")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    for f in fields(MNTPConfig):
+        flags = ["--" + f.name.replace("_", "-")]
+        if f.name == "max_steps":
+            flags.append("--steps")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = f"{f.metadata['help']} (default: {getattr(default, 'value', default)})"
+        if isinstance(default, bool):
+            parser.add_argument(
+                *flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        elif isinstance(default, list):
+            parser.add_argument(*flags, dest=f.name, nargs="+", default=None, help=help_text)
+        elif isinstance(default, enum.Enum):
+            choices = [member.value for member in type(default)]
+            parser.add_argument(*flags, dest=f.name, choices=choices, default=None, help=help_text)
+        else:
+            annotation = str(f.type)  # a string under `from __future__ import annotations`, e.g. "int"
+            kind = int if annotation.startswith("int") else float if annotation.startswith("float") else str
+            parser.add_argument(*flags, dest=f.name, type=kind, default=None, help=help_text)
+    parser.set_defaults(func=run_mntp)
+    return parser
+
+
+def run_mntp(args: argparse.Namespace) -> None:
+    overrides = {f.name: getattr(args, f.name) for f in fields(MNTPConfig)}
+    config = MNTPConfig.from_sources(args.config, **overrides)
+    output = mntp(config, resume=args.resume)
+    evaluation_path = output / EVAL_NAME
+    if evaluation_path.is_file():
+        evaluation = json.loads(evaluation_path.read_text(encoding="utf-8"))
+        if evaluation["before"] and evaluation["after"]:
+            print(
+                f"held-out MNTP loss {evaluation['before']['loss']:.4f} -> {evaluation['after']['loss']:.4f} "
+                f"({evaluation['heldout_texts']} texts)"
+            )
+    print(f"saved the bidirectional backbone to {output}: spt-embed train --backbone {output} ...")
