@@ -6,6 +6,8 @@ from spt_embed.backbone import load_backbone  # noqa: E402
 from spt_embed.config import BackboneRef, Init, Placement, SuffixPromptConfig  # noqa: E402
 from spt_embed.encoder import SuffixPromptEncoder, load, save  # noqa: E402
 from spt_embed.export import export  # noqa: E402
+from spt_embed.index import Index, build_index, load_index  # noqa: E402
+from spt_embed.indexing import index_corpus, merge_shards  # noqa: E402
 from spt_embed.mntp import mntp  # noqa: E402
 from spt_embed.mntp_config import MNTPConfig  # noqa: E402
 from spt_embed.module import ForwardPath, SuffixPromptModule  # noqa: E402
@@ -15,6 +17,7 @@ from spt_embed.training import train  # noqa: E402
 __all__ = [
     "BackboneRef",
     "ForwardPath",
+    "Index",
     "Init",
     "MNTPConfig",
     "Placement",
@@ -23,9 +26,13 @@ __all__ = [
     "SuffixPromptModule",
     "TrainConfig",
     "__version__",
+    "build_index",
     "export",
+    "index_corpus",
     "load",
     "load_backbone",
+    "load_index",
+    "merge_shards",
     "mntp",
     "save",
     "train",

@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("output", help="output folder")
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     exp.set_defaults(func=_cmd_export)
+
+    from spt_embed.index_cli import add_index_parsers
+
+    add_index_parsers(sub)
     return parser
 
 

@@ -1,0 +1,171 @@
+"""`spt-embed index`, `search` and `index-merge`: argument parsers and thin run functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_MODEL_HELP = "adapter folder, bundled adapter name or SentenceTransformer folder"
+
+
+def add_index_parsers(subparsers) -> None:
+    """Add the three subcommands to the `spt-embed` subparsers; each sets `func` to its run function."""
+    from spt_embed.corpus import CorpusFormat
+    from spt_embed.index import IndexType
+    from spt_embed.indexing import DEFAULT_BLOCK_SIZE, OnDuplicate
+
+    presets = ", ".join(t.value for t in IndexType)
+    duplicates = [p.value for p in OnDuplicate]
+
+    idx = subparsers.add_parser(
+        "index",
+        help="encode a corpus file into a FAISS index folder (or one shard of it)",
+        description="Encode a corpus (jsonl with _id/id, title, text as BEIR; csv/tsv with a header; or plain text, "
+        "one document per line, id = line number) into a FAISS index folder. Large corpora: run --shard i/N jobs "
+        "anywhere, then `spt-embed index-merge`. A killed job rerun with the same command resumes.",
+    )
+    idx.add_argument("--model", required=True, help=_MODEL_HELP)
+    idx.add_argument("--corpus", required=True, help="corpus: .jsonl, .csv, .tsv, else one doc per line")
+    idx.add_argument("--output", required=True, help="index folder to write (with --shard: the shard folder)")
+    idx.add_argument(
+        "--index-type",
+        default=IndexType.FLAT.value,
+        help=f"preset ({presets}) or a FAISS factory string, e.g. 'IVF1024,PQ64' (default: flat, exact)",
+    )
+    idx.add_argument("--query-prompt", default=None, help="instruction prepended to queries at search time (not docs)")
+    idx.add_argument("--format", choices=[f.value for f in CorpusFormat], default=None, help="default: from the suffix")
+    idx.add_argument("--id-field", default=None, help="id field/column (default: _id, then id)")
+    idx.add_argument("--text-field", default="text", help="text field/column (default: text)")
+    idx.add_argument("--title-field", default="title", help="title joined before the text if present; '' for none")
+    idx.add_argument("--skip-bad-lines", action="store_true", help="log and skip unreadable records (default: stop)")
+    idx.add_argument("--on-duplicate", choices=duplicates, default=OnDuplicate.ERROR.value, help="a repeated id")
+    idx.add_argument("--shard", default=None, help="i/N: encode only records r with r %% N == i, into a shard folder")
+    idx.add_argument("--batch-size", type=int, default=32)
+    idx.add_argument(
+        "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="documents per saved part (resume granularity)"
+    )
+    idx.add_argument("--overwrite", action="store_true", help="replace the output (a shard folder: start it afresh)")
+    idx.add_argument("--keep-parts", action="store_true", help="keep OUTPUT.parts/ (the encoded blocks) after indexing")
+    idx.set_defaults(func=run_index)
+
+    sea = subparsers.add_parser("search", help="search an index folder with query texts")
+    sea.add_argument("--index", required=True, help="index folder written by `spt-embed index` or `index-merge`")
+    queries = sea.add_mutually_exclusive_group(required=True)
+    queries.add_argument("--query", action="append", help="a query text (repeat for several)")
+    queries.add_argument("--queries", help="file of queries: one per line (blank lines skipped) or jsonl with text")
+    sea.add_argument("--top-k", type=int, default=10, help="hits per query (clamped to the index size)")
+    sea.add_argument("--model", default=None, help=f"{_MODEL_HELP} (default: the one recorded in the index)")
+    sea.add_argument("--corpus", default=None, help="corpus file for snippets if it moved (default: the recorded one)")
+    sea.add_argument("--snippet-chars", type=int, default=100, help="characters of document text shown; 0: none")
+    sea.add_argument("--json", action="store_true", help="one JSON line per query instead of a table")
+    sea.set_defaults(func=run_search)
+
+    mer = subparsers.add_parser(
+        "index-merge",
+        help="combine complete shard folders into one index folder",
+        description="Check that the shards come from one model and query prompt and form complete sets "
+        "(0/N ... N-1/N per corpus file), report ids found in more than one shard, and build one index.",
+    )
+    mer.add_argument("shards", nargs="+", help="shard folders written by `spt-embed index --shard i/N`")
+    mer.add_argument("--output", required=True, help="index folder to write")
+    mer.add_argument("--index-type", default=None, help=f"{presets} or a factory string (default: the shards' own)")
+    mer.add_argument("--on-duplicate", choices=duplicates, default=OnDuplicate.ERROR.value, help="an id in two shards")
+    mer.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
+    mer.set_defaults(func=run_index_merge)
+
+
+def run_index(args: argparse.Namespace) -> None:
+    from spt_embed.indexing import index_corpus
+
+    output = index_corpus(
+        args.model,
+        args.corpus,
+        args.output,
+        index_type=args.index_type,
+        shard=args.shard,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        query_prompt=args.query_prompt,
+        corpus_format=args.format,
+        id_field=args.id_field,
+        text_field=args.text_field,
+        title_field=args.title_field or None,
+        skip_bad_lines=args.skip_bad_lines,
+        on_duplicate=args.on_duplicate,
+        overwrite=args.overwrite,
+        keep_parts=args.keep_parts,
+    )
+    if args.shard is not None:
+        from spt_embed.indexing import ShardMetadata
+
+        meta = ShardMetadata.load(output)
+        print(f"shard {meta.shard}: {meta.count} documents in {output}; merge all shards with `spt-embed index-merge`")
+    else:
+        from spt_embed.index import read_metadata
+
+        meta = read_metadata(output)
+        print(f"wrote {output}: {meta.count} documents, {meta.factory}, dimension {meta.dimension}")
+
+
+def run_index_merge(args: argparse.Namespace) -> None:
+    from spt_embed.indexing import merge_shards
+
+    index = merge_shards(args.shards, args.output, index_type=args.index_type, on_duplicate=args.on_duplicate,
+                         overwrite=args.overwrite)
+    print(f"wrote {args.output}: {len(index)} documents from {len(args.shards)} shard(s), {index.metadata.factory}")
+
+
+def run_search(args: argparse.Namespace) -> None:
+    from spt_embed.index import load_index
+
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}.")
+    index = load_index(args.index)
+    if args.model is not None:
+        from spt_embed.encoder import open_encoder
+
+        index.model = open_encoder(args.model)  # checked against the index's fingerprint and dimension
+    if args.corpus is not None:
+        if index.metadata.corpus is None:
+            raise ValueError(f"{args.index} records no corpus layout (merged from several files): no snippets.")
+        index.metadata.corpus = {**index.metadata.corpus, "path": str(Path(args.corpus).expanduser().resolve())}
+    query_ids, texts = _queries(args)
+    results = index.search(texts, k=args.top_k)
+    for query_id, text, hits in zip(query_ids, texts, results):
+        snippets = [_snippet(index.document_text(hit.id), args.snippet_chars) for hit in hits]
+        if args.json:
+            rows = [{"rank": r, "id": h.id, "score": round(h.score, 6), "text": s} for r, (h, s) in
+                    enumerate(zip(hits, snippets), start=1)]
+            print(json.dumps({"query_id": query_id, "query": text, "hits": rows}, ensure_ascii=False))
+            continue
+        print(f"\nquery {query_id}: {text}")
+        width = max((len(hit.id) for hit in hits), default=0)
+        for rank, (hit, snippet) in enumerate(zip(hits, snippets), start=1):
+            print(f"  {rank:>3}  {hit.score:7.4f}  {hit.id:<{width}}  {snippet or ''}".rstrip())
+
+
+def _queries(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    if args.query is not None:
+        return [str(i) for i in range(1, len(args.query) + 1)], list(args.query)
+    from spt_embed.corpus import CorpusSpec, iter_documents
+
+    documents = list(iter_documents(CorpusSpec(args.queries, title_field=None)))
+    empty = [d.line for d in documents if not d.text]
+    if empty:
+        logger.warning("%s: skipped %d empty quer(ies) on line(s) %s", args.queries, len(empty), empty[:20])
+        documents = [d for d in documents if d.text]
+    if not documents:
+        raise ValueError(f"{args.queries} contains no queries.")
+    return [d.id for d in documents], [d.text for d in documents]
+
+
+def _snippet(text: str | None, chars: int) -> str | None:
+    if text is None or chars <= 0:
+        return None
+    flat = re.sub(r"\s+", " ", text).strip()
+    return flat if len(flat) <= chars else flat[: chars - 3] + "..."
