@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     exp.set_defaults(func=_cmd_export)
 
+    from spt_embed.evaluate import add_eval_parser
+
+    add_eval_parser(sub)
+
     from spt_embed.index_cli import add_index_parsers
 
     add_index_parsers(sub)
