@@ -1,54 +1,108 @@
-"""The README's main job on the default model (grows with the project).
+"""The README's main job on the default model: train a suffix prompt, evaluate it, index a corpus.
 
-Loads the bundled trained adapter `smollm2-135m-nli` (SmolLM2-135M backbone, GGUF dequantised and cached on first
-use) next to an untrained suffix, prints their cosine similarities on a few sentences, saves the trained adapter,
-exports it as a plain SentenceTransformer and checks that both reload to the same embeddings.
+    python eval/demo.py                      # what `make demo` runs (about 45 min on 2 CPU cores)
+    python eval/demo.py --train-steps 2 --index-docs 50 --output out/demo-smoke   # a quick pass through every step
+
+1. trains the recipe `train/configs/smollm2-nli.yaml` (SmolLM2-135M + 16 soft tokens; the GGUF is dequantised and
+   cached on first use) into OUTPUT/encoder, STS-B dev selection included;
+2. evaluates it on the STS-B test split through mteb (`spt-embed eval`), next to the bundled adapter
+   `smollm2-135m-nli` that the same recipe produced;
+3. saves, reloads and exports it as a plain SentenceTransformer and checks all give the same embeddings;
+4. encodes the bundled SciFact corpus into a FAISS index (OUTPUT/scifact.index; resumable if killed) and runs a
+   search.
+Steps that already have their output are reused on a rerun.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
 import spt_embed
+from spt_embed.data import data_root
+from spt_embed.evaluate import evaluate
 
-SENTENCES = [
-    "A man is playing a flute.",
-    "A man plays the flute.",
-    "A woman is slicing an onion.",
-    "Stock markets fell sharply on Monday.",
-]
+RECIPE = Path(__file__).resolve().parents[1] / "train" / "configs" / "smollm2-nli.yaml"
+SENTENCES = ["A man is playing a flute.", "A man plays the flute.", "A woman is slicing an onion."]
+QUERY = "coronavirus spreads through aerosols"
+
+
+def train_encoder(out: Path, steps: int | None) -> Path:
+    encoder = out / "encoder"
+    if (encoder / "soft_prompt.safetensors").exists():
+        print(f"[1/4] reusing the trained suffix in {encoder}")
+        return encoder
+    overrides = {"output": str(encoder)}
+    if steps:  # a shorter run: evaluate and checkpoint once, at its end
+        overrides.update(max_steps=steps, warmup_steps=0, eval_steps=steps, save_steps=steps)
+    print(f"[1/4] training the recipe {RECIPE.name} -> {encoder}")
+    spt_embed.train(spt_embed.TrainConfig.from_sources(RECIPE, **overrides))
+    return encoder
+
+
+def corpus_file(out: Path, limit: int | None) -> Path:
+    corpus = data_root() / "beir_scifact" / "corpus.jsonl"
+    if not limit:
+        return corpus
+    subset = out / f"scifact_first{limit}.jsonl"
+    with corpus.open(encoding="utf-8") as source:
+        subset.write_text("".join(line for _, line in zip(range(limit), source)), encoding="utf-8")
+    return subset
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--backbone", default="smollm2-135m")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="out/demo")
+    parser.add_argument("--train-steps", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--index-docs", type=int, default=None, help="index only the first N SciFact documents")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
 
-    untrained = spt_embed.SuffixPromptEncoder.from_backbone(args.backbone, num_tokens=16, init="text")
-    model = spt_embed.load("smollm2-135m-nli")
-    for title, encoder in (("untrained suffix, PromptEOL-tail init", untrained), ("bundled smollm2-135m-nli", model)):
-        emb = encoder.encode(SENTENCES)
-        sim = encoder.similarity(emb, emb).numpy()
-        print(f"\nCosine similarities ({title}):")
-        for i, text in enumerate(SENTENCES):
-            print(f"  {' '.join(f'{v:5.2f}' for v in sim[i])}  {text}")
+    encoder = train_encoder(out, args.train_steps)
 
-    model.save(str(out / "adapter"))
-    size = sum(f.stat().st_size for f in (out / "adapter").rglob("*") if f.is_file())
-    print(f"\nadapter saved to {out / 'adapter'} ({size / 1024:.1f} KB, no backbone inside)")
-    reloaded = spt_embed.load(out / "adapter").encode(SENTENCES)
-    spt_embed.export(out / "adapter", out / "plain", overwrite=True)
+    print("[2/4] STS-B test through mteb (Spearman x100 of cosine)")
+    scores = {
+        "this run": evaluate(encoder, ["STSBenchmark"], out / "eval" / "encoder")["STSBenchmark"],
+        "bundled smollm2-135m-nli": evaluate("smollm2-135m-nli", ["STSBenchmark"], out / "eval" / "bundled")[
+            "STSBenchmark"
+        ],
+    }
+    for name, score in scores.items():
+        print(f"      {name:26s} {100 * score:6.2f}")
+
+    print("[3/4] save / reload / export")
+    model = spt_embed.load(encoder)
+    emb = model.encode(SENTENCES)
+    sim = model.similarity(emb, emb).numpy()
+    for i, text in enumerate(SENTENCES):
+        print(f"      {' '.join(f'{v:5.2f}' for v in sim[i])}  {text}")
+    spt_embed.export(encoder, out / "plain", overwrite=True)
     plain = SentenceTransformer(str(out / "plain")).encode(SENTENCES)
-    print(f"reloaded adapter  max |diff| = {np.abs(reloaded - emb).max():.2e}")
-    print(f"plain export      max |diff| = {np.abs(plain - emb).max():.2e}  (loads with no custom code)")
+    reloaded = spt_embed.load(encoder).encode(SENTENCES)
+    print(f"      reloaded adapter max |diff| {np.abs(reloaded - emb).max():.2e}; plain export (no custom code) "
+          f"max |diff| {np.abs(plain - emb).max():.2e}")
+
+    print("[4/4] SciFact corpus -> FAISS index")
+    index_path = out / "scifact.index"
+    if not index_path.exists():
+        spt_embed.index_corpus(str(encoder), corpus_file(out, args.index_docs), index_path, index_type="flat")
+    index = spt_embed.load_index(index_path)
+    hits = index.search([QUERY], 5)[0]
+    print(f"      {index.metadata.count} documents; top 5 for {QUERY!r}:")
+    for hit in hits:
+        print(f"      {hit.score:.3f}  {hit.id:>10s}  {(index.document_text(hit.id) or '')[:90]!r}")
+    summary = {"sts_b_test": scores, "index": str(index_path), "minutes": (time.perf_counter() - start) / 60}
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"done in {summary['minutes']:.1f} min; summary in {out / 'demo_summary.json'}")
 
 
 if __name__ == "__main__":

@@ -219,12 +219,16 @@ class SuffixPromptModule(InputModule):
         if text_length == 0:  # nothing to cache: every text in the batch is empty
             path = ForwardPath.FULL
         if wants_grad and path is not self._logged_path:
-            reason = {
-                ForwardPath.FAST: "causal backbone + suffix: text once under no_grad with a KV cache",
-                ForwardPath.FULL: "bidirectional backbone or prefix placement, or forced"
-                if not exact or self.forward_path is ForwardPath.FULL
-                else "batch of empty texts",
-            }[path]
+            if path is ForwardPath.FAST:
+                reason = "causal backbone + suffix: text once under no_grad with a KV cache"
+            elif not self.is_causal:
+                reason = "the backbone attends bidirectionally, so the text's states depend on the soft tokens"
+            elif self.spt_config.placement is not Placement.SUFFIX:
+                reason = "prefix placement: the text's states depend on the soft tokens"
+            elif self.forward_path is ForwardPath.FULL:
+                reason = "forward_path='full' was asked for"
+            else:
+                reason = "a batch of empty texts: nothing to cache"
             logger.info("Training forward path: %s (%s)", path.value, reason)
             self._logged_path = path
         return path
