@@ -5,7 +5,6 @@ __version__ = "0.1.0"
 from spt_embed.backbone import load_backbone  # noqa: E402
 from spt_embed.config import BackboneRef, Init, Placement, SuffixPromptConfig  # noqa: E402
 from spt_embed.encoder import SuffixPromptEncoder, load, save  # noqa: E402
-from spt_embed.evaluate import evaluate  # noqa: E402
 from spt_embed.export import export  # noqa: E402
 from spt_embed.index import Index, build_index, load_index  # noqa: E402
 from spt_embed.indexing import index_corpus, merge_shards  # noqa: E402
@@ -28,7 +27,6 @@ __all__ = [
     "TrainConfig",
     "__version__",
     "build_index",
-    "evaluate",
     "export",
     "index_corpus",
     "load",

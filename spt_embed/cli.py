@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser(
         "train",
         help="train a suffix prompt (in-batch InfoNCE, STS-B dev selection)",
-        description="Train K soft tokens on a frozen backbone. Multi-process: torchrun --nproc_per_node N -m "
-        "spt_embed train ...",
+        description="Train K soft tokens on a frozen backbone (--method lora: the LoRA baseline on the same "
+        "backbone instead). Multi-process: torchrun --nproc_per_node N -m spt_embed train ...",
     )
     _add_train_options(tr)
     tr.set_defaults(func=_cmd_train)

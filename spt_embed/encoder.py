@@ -139,7 +139,14 @@ def open_encoder(spec: str | os.PathLike, *, device: str | None = None) -> Sente
     if text in bundled_adapters() or (path / CONFIG_NAME).is_file():
         return load(text, device=device)
     if (path / "modules.json").is_file():
-        return SentenceTransformer(str(path), device=device, local_files_only=True)
+        # sentence-transformers refuses module classes from outside its library (e.g. a saved LoRA baseline,
+        # spt_embed.baselines.BaselineModule) unless trusted; ours are, anything else stays refused.
+        try:
+            _check_module_types(path)
+            trusted = True
+        except ValueError:
+            trusted = False
+        return SentenceTransformer(str(path), device=device, local_files_only=True, trust_remote_code=trusted)
     from spt_embed.backbone import NAMED_BACKBONES
 
     if text in NAMED_BACKBONES:

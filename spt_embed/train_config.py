@@ -11,6 +11,12 @@ from typing import Any
 from spt_embed.config import Init, Placement, _enum_value
 
 TRAIN_CONFIG_NAME = "train_config.json"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class Method(str, enum.Enum):
+    SPT = "spt"  # suffix prompt tuning: K soft tokens on the frozen backbone
+    LORA = "lora"  # the LoRA baseline: PromptEOL template, last token, LoRA on the backbone, merged at the end
 
 
 class Scheduler(str, enum.Enum):
@@ -21,8 +27,16 @@ class Scheduler(str, enum.Enum):
 
 @dataclass
 class TrainConfig:
-    """Suffix prompt tuning with in-batch InfoNCE; every field is a `spt-embed train` flag and a YAML key."""
+    """Suffix prompt tuning (or its LoRA baseline) with in-batch InfoNCE; every field is a `spt-embed train` flag
+    and a YAML key."""
 
+    method: Method = field(
+        default=Method.SPT,
+        metadata={
+            "help": "spt: train K soft tokens on the frozen backbone. lora: the baseline, LoRA on the backbone "
+            "under the PromptEOL template (last token), merged into a SentenceTransformer folder at the end."
+        },
+    )
     output: str = field(default="", metadata={"help": "Output folder: adapter, logs, plot, checkpoints/."})
     backbone: str = field(default="smollm2-135m", metadata={"help": "Registered name, HF directory or GGUF file."})
     data: list[str] = field(
@@ -33,11 +47,18 @@ class TrainConfig:
     positive_column: str | None = field(default=None, metadata={"help": "Column holding the positive text."})
     negative_column: str | None = field(default=None, metadata={"help": "Column holding a hard negative."})
     max_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
-    num_tokens: int = field(default=16, metadata={"help": "K soft tokens."})
+    num_tokens: int = field(default=16, metadata={"help": "K soft tokens (spt)."})
     init: Init = field(default=Init.TEXT, metadata={"help": "Soft-token init: random, vocab or text."})
     init_text: str | None = field(default=None, metadata={"help": "Text for init=text (PromptEOL tail if unset)."})
     placement: Placement = field(default=Placement.SUFFIX, metadata={"help": "suffix or prefix."})
     max_length: int = field(default=128, metadata={"help": "Max tokens per training text incl. soft tokens."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (lora)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha, scale = alpha / r (lora)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input (lora)."})
+    lora_targets: list[str] = field(
+        default_factory=lambda: list(LORA_TARGETS),
+        metadata={"help": "Module names that get LoRA (lora): the attention projections by default."},
+    )
     lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     batch_size: int = field(default=32, metadata={"help": "Rows per step (per process)."})
@@ -58,14 +79,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
             self.data = [self.data]
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = [self.lora_targets]
+        self.method = _enum_value(Method, self.method, "method")
         self.init = _enum_value(Init, self.init, "init")
         self.placement = _enum_value(Placement, self.placement, "placement")
         self.scheduler = _enum_value(Scheduler, self.scheduler, "scheduler")
-        positive = {"num_tokens", "batch_size", "max_steps", "max_length", "logging_steps", "mini_batch_size"}
+        positive = {"num_tokens", "batch_size", "max_steps", "max_length", "logging_steps", "mini_batch_size", "lora_r"}
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("lr", "temperature"):
+        for name in ("lr", "temperature", "lora_alpha"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
         if self.eval_steps and self.save_steps % self.eval_steps:
@@ -73,6 +97,10 @@ class TrainConfig:
                 f"save_steps={self.save_steps} must be a multiple of eval_steps={self.eval_steps}: the best dev "
                 f"checkpoint is kept, so every evaluated step needs a checkpoint."
             )
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if not self.lora_targets:
+            raise ValueError(f"lora_targets is empty; name the modules that get LoRA, e.g. {LORA_TARGETS}.")
         if not self.data:
             raise ValueError("No training data: pass --data with a preset name or a file.")
 

@@ -1,7 +1,9 @@
 """`spt-embed train`: suffix prompt tuning on sentence-transformers' trainer with in-batch InfoNCE.
 
 Our code only builds the encoder (frozen backbone + soft tokens; the module picks the causal fast path by itself),
-the data and the loss; the loop, schedule, checkpoints and multi-process training are the trainer's.
+the data and the loss; the loop, schedule, checkpoints and multi-process training are the trainer's. With
+``method=lora`` the same machinery trains the LoRA baseline instead: the PromptEOL encoder of the same backbone
+with LoRA on its projections, merged and saved as a SentenceTransformer folder at the end.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from spt_embed.train_config import TrainConfig
+from spt_embed.train_config import TRAIN_CONFIG_NAME, Method, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +34,15 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def latest_checkpoint(output: Path) -> Path | None:
+def checkpoint_weights(method: Method) -> str:
+    """The trained weights' file inside a checkpoint, relative to it."""
+    from spt_embed.baselines import LORA_WEIGHTS
+    from spt_embed.config import WEIGHTS_NAME
+
+    return LORA_WEIGHTS if method is Method.LORA else WEIGHTS_NAME
+
+
+def latest_checkpoint(output: Path, method: Method = Method.SPT) -> Path | None:
     """The newest checkpoint whose files are all complete; a half-written one (killed mid-save) is skipped."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -42,7 +52,7 @@ def latest_checkpoint(output: Path) -> Path | None:
     for candidate in candidates:
         try:
             json.loads((candidate / "trainer_state.json").read_text())
-            load_file(str(candidate / "soft_prompt.safetensors"))
+            load_file(str(candidate / checkpoint_weights(method)))
             if not (candidate / "optimizer.pt").is_file() or not (candidate / "scheduler.pt").is_file():
                 raise FileNotFoundError("optimizer or scheduler state missing")
         except (OSError, ValueError, SafetensorError) as exc:
@@ -150,6 +160,49 @@ def load_datasets(config: TrainConfig):
     return next(iter(datasets.values())) if len(datasets) == 1 else datasets
 
 
+def build_model(config: TrainConfig):
+    """The encoder to train: soft tokens on the frozen backbone (spt), or PromptEOL with LoRA on it (lora)."""
+    device = "cpu" if not _cuda() else None
+    if config.method is Method.LORA:
+        from spt_embed.baselines import lora_baseline_encoder
+
+        return lora_baseline_encoder(
+            config.backbone,
+            r=config.lora_r,
+            alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
+            targets=config.lora_targets,
+            max_length=config.max_length,
+            seed=config.seed,
+            device=device,
+        )
+    from spt_embed.encoder import SuffixPromptEncoder
+
+    return SuffixPromptEncoder.from_backbone(
+        config.backbone,
+        num_tokens=config.num_tokens,
+        init=config.init,
+        init_text=config.init_text,
+        placement=config.placement,
+        max_length=config.max_length,
+        seed=config.seed,
+        device=device,
+    )
+
+
+def _check_resume_method(output: Path, config: TrainConfig) -> None:
+    """Checkpoints of one method cannot continue as the other."""
+    path = output / TRAIN_CONFIG_NAME
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text(encoding="utf-8")).get("method", Method.SPT.value)
+    if saved != config.method.value:
+        raise ValueError(
+            f"{output} holds a --method {saved} run; this run is --method {config.method.value}. Resume with "
+            f"--method {saved}, or choose another --output (nothing was changed)."
+        )
+
+
 def train(
     config: TrainConfig | None = None,
     *,
@@ -157,20 +210,21 @@ def train(
     callbacks: list[TrainerCallback] | None = None,
     **options: Any,
 ):
-    """Train a suffix prompt; returns the trained SuffixPromptEncoder (best dev checkpoint when evaluating).
+    """Train a suffix prompt (or the LoRA baseline with method='lora'); returns the trained SentenceTransformer
+    (best dev checkpoint when evaluating; for lora with LoRA merged), also saved to `output`.
 
     `spt_embed.train(output="out/enc", data=["snli-triplets"], max_steps=300)` takes the same options as the CLI.
     """
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
 
-    from spt_embed.encoder import SuffixPromptEncoder
-
     config = config or TrainConfig(**options)
     if not config.output:
         raise ValueError("No output folder: pass output='out/my-encoder' (CLI: --output).")
     output = Path(config.output)
-    checkpoint = latest_checkpoint(output) if resume else None
+    if resume:
+        _check_resume_method(output, config)
+    checkpoint = latest_checkpoint(output, config.method) if resume else None
     if resume and checkpoint is None:
         logger.warning("--resume: no complete checkpoint in %s; starting from scratch.", output / CHECKPOINTS)
     if not resume and (output / CHECKPOINTS).is_dir() and any((output / CHECKPOINTS).iterdir()):
@@ -185,16 +239,7 @@ def train(
             (output / LOG_NAME).unlink(missing_ok=True)
 
     dataset = load_datasets(config)
-    model = SuffixPromptEncoder.from_backbone(
-        config.backbone,
-        num_tokens=config.num_tokens,
-        init=config.init,
-        init_text=config.init_text,
-        placement=config.placement,
-        max_length=config.max_length,
-        seed=config.seed,
-        device="cpu" if not _cuda() else None,
-    )
+    model = build_model(config)
     evaluating = config.eval_steps > 0
     args = SentenceTransformerTrainingArguments(
         output_dir=str(output / CHECKPOINTS),
@@ -233,13 +278,18 @@ def train(
         callbacks=[JsonlLogCallback(output / LOG_NAME), *(callbacks or [])],
     )
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if config.method is Method.LORA:
+        model[0].merge_lora()  # a plain decoder again: the saved folder needs no peft
     if is_main_process():
         model.save(str(output))
         if (output / LOG_NAME).is_file():
             plot_log(output / LOG_NAME, output / PLOT_NAME, DEV_METRIC)
         best = trainer.state.best_metric
         logger.info(
-            "Saved the adapter to %s%s", output, f" (best STS-B dev Spearman {best:.4f})" if best is not None else ""
+            "Saved the %s to %s%s",
+            "LoRA baseline (merged)" if config.method is Method.LORA else "adapter",
+            output,
+            f" (best STS-B dev Spearman {best:.4f})" if best is not None else "",
         )
     return model
 
