@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import enum
-import json
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from spt_embed.config import _enum_value
-from spt_embed.train_config import Scheduler, _read_yaml
+from spt_embed.train_config import RecipeConfig, Scheduler
 
 MNTP_CONFIG_NAME = "mntp_config.json"
 WIKI1M = "wiki1m"  # the bundled corpus, see data/SOURCES.md
@@ -17,8 +14,11 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 @dataclass
-class MNTPConfig:
+class MNTPConfig(RecipeConfig):
     """Bidirectional MNTP + LoRA; every field is a `spt-embed mntp` flag and a YAML key."""
+
+    file_name: ClassVar[str] = MNTP_CONFIG_NAME
+    option_kind: ClassVar[str] = "mntp"
 
     output: str = field(default="", metadata={"help": "Output folder: the merged backbone, logs, checkpoints/."})
     backbone: str = field(default="smollm2-135m", metadata={"help": "Registered name, HF directory or GGUF file."})
@@ -84,28 +84,3 @@ class MNTPConfig:
         if self.mask_token is not None and not self.mask_token:
             raise ValueError("mask_token is an empty string; leave it unset for the default or name a token.")
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key, value in data.items():
-            if isinstance(value, enum.Enum):
-                data[key] = value.value
-        return data
-
-    def save(self, directory: str | Path, **extra: Any) -> None:
-        from spt_embed import __version__
-
-        payload = {**self.to_dict(), **extra, "spt_embed_version": __version__}
-        (Path(directory) / MNTP_CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-
-    @classmethod
-    def from_sources(cls, yaml_path: str | None = None, **overrides: Any) -> MNTPConfig:
-        """A YAML recipe (if any) with explicit overrides on top; unknown keys are errors."""
-        values: dict[str, Any] = {}
-        if yaml_path:
-            values.update(_read_yaml(Path(yaml_path)))
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown mntp option(s) {unknown}; known: {sorted(known)}.")
-        return cls(**values)

@@ -6,7 +6,7 @@ import enum
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from spt_embed.config import Init, Placement, _enum_value
 
@@ -25,10 +25,46 @@ class Scheduler(str, enum.Enum):
     CONSTANT = "constant_with_warmup"
 
 
+class RecipeConfig:
+    """What a run's config dataclass shares: YAML recipe + overrides in, resolved JSON out (the version recorded)."""
+
+    file_name: ClassVar[str]  # the JSON written into the output folder
+    option_kind: ClassVar[str]  # for errors: "Unknown <kind> option(s)"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key, value in data.items():
+            if isinstance(value, enum.Enum):
+                data[key] = value.value
+        return data
+
+    def save(self, directory: str | Path, **extra: Any) -> None:
+        from spt_embed import __version__
+
+        payload = {**self.to_dict(), **extra, "spt_embed_version": __version__}
+        (Path(directory) / self.file_name).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_sources(cls, yaml_path: str | None = None, **overrides: Any):
+        """A YAML recipe (if any) with explicit overrides on top; unknown keys are errors."""
+        values: dict[str, Any] = {}
+        if yaml_path:
+            values.update(_read_yaml(Path(yaml_path)))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown {cls.option_kind} option(s) {unknown}; known: {sorted(known)}.")
+        return cls(**values)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(RecipeConfig):
     """Suffix prompt tuning (or its LoRA baseline) with in-batch InfoNCE; every field is a `spt-embed train` flag
     and a YAML key."""
+
+    file_name: ClassVar[str] = TRAIN_CONFIG_NAME
+    option_kind: ClassVar[str] = "training"
 
     method: Method = field(
         default=Method.SPT,
@@ -103,32 +139,6 @@ class TrainConfig:
             raise ValueError(f"lora_targets is empty; name the modules that get LoRA, e.g. {LORA_TARGETS}.")
         if not self.data:
             raise ValueError("No training data: pass --data with a preset name or a file.")
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key, value in data.items():
-            if isinstance(value, enum.Enum):
-                data[key] = value.value
-        return data
-
-    def save(self, directory: str | Path) -> None:
-        from spt_embed import __version__
-
-        payload = {**self.to_dict(), "spt_embed_version": __version__}
-        (Path(directory) / TRAIN_CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-
-    @classmethod
-    def from_sources(cls, yaml_path: str | None = None, **overrides: Any) -> TrainConfig:
-        """A YAML recipe (if any) with explicit overrides on top; unknown keys are errors."""
-        values: dict[str, Any] = {}
-        if yaml_path:
-            values.update(_read_yaml(Path(yaml_path)))
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown training option(s) {unknown}; known: {sorted(known)}.")
-        return cls(**values)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
