@@ -193,7 +193,9 @@ def _decode(raw: bytes, line: int, bad: _BadLines) -> str | None:
         return None
 
 
-def _text_documents(file: Path, shard: Shard, bad: _BadLines, start: int = 0) -> Iterator[Document]:
+def _shard_lines(file: Path, shard: Shard, bad: _BadLines, start: int = 0) -> Iterator[tuple[int, int, int, str]]:
+    """(line, byte offset, record number, text) of this shard's non-blank, UTF-8 lines; blank lines are no records
+    (ids and shards ignore them) and are reported once at the end."""
     record = -1
     blank: list[int] = []
     for line, offset, raw, _ in _raw_lines(file, start):
@@ -205,26 +207,20 @@ def _text_documents(file: Path, shard: Shard, bad: _BadLines, start: int = 0) ->
             continue
         text = _decode(raw, line, bad)
         if text is not None:
-            # The id is the line number in the whole file; from a non-zero `start` it is only used as a check.
-            yield Document(str(line), text.strip(), record, line, offset)
+            yield line, offset, record, text
     _report_blank(file, blank)
+
+
+def _text_documents(file: Path, shard: Shard, bad: _BadLines, start: int = 0) -> Iterator[Document]:
+    for line, offset, record, text in _shard_lines(file, shard, bad, start):
+        # The id is the line number in the whole file; from a non-zero `start` it is only used as a check.
+        yield Document(str(line), text.strip(), record, line, offset)
 
 
 def _jsonl_documents(
     file: Path, spec: CorpusSpec, shard: Shard, bad: _BadLines, start: int = 0
 ) -> Iterator[Document]:
-    record = -1
-    blank: list[int] = []
-    for line, offset, raw, _ in _raw_lines(file, start):
-        if not raw.strip():
-            blank.append(line)
-            continue
-        record += 1
-        if record not in shard:
-            continue
-        text = _decode(raw, line, bad)
-        if text is None:
-            continue
+    for line, offset, record, text in _shard_lines(file, shard, bad, start):
         try:
             row = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -236,7 +232,6 @@ def _jsonl_documents(
         document = _document_from_row(row, spec, record, line, offset, bad, list(row))
         if document is not None:
             yield document
-    _report_blank(file, blank)
 
 
 def _report_blank(file: Path, blank: list[int]) -> None:
