@@ -17,6 +17,7 @@ from transformers import (
     Qwen2Config,
     Qwen2Model,
     Qwen2Tokenizer,
+    TrainerCallback,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -105,3 +106,14 @@ def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own GGUF cache unless it sets one itself."""
     monkeypatch.setenv("SPT_EMBED_CACHE", str(tmp_path / "spt-cache"))
     logging.getLogger("spt_embed").setLevel(logging.INFO)
+
+
+class Kill(TrainerCallback):
+    """Simulates a kill right after the checkpoint at `step` was written."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill")

@@ -8,6 +8,7 @@ import torch
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 from transformers import TrainerCallback
 
+from tests.conftest import Kill
 import spt_embed
 from spt_embed.baselines import BACKBONE_SUBDIR, BASELINE_CONFIG_NAME, baseline_encoder
 from spt_embed.cli import main
@@ -73,16 +74,11 @@ def test_lora_trains_only_lora_and_saves_a_merged_encoder(tmp_path, backbones):
 
 
 def test_lora_resume_matches_uninterrupted_run(tmp_path, backbones):
-    class Kill(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 5:
-                raise KeyboardInterrupt("simulated kill")
-
     common = dict(method="lora", lr=1e-2, max_steps=8, lora_r=4, lora_targets=["q_proj", "v_proj"])
     straight = spt_embed.train(config(tmp_path / "a", backbones["llama"], **common))
     killed = config(tmp_path / "b", backbones["llama"], **common)
     with pytest.raises(KeyboardInterrupt):
-        spt_embed.train(killed, callbacks=[Kill()])
+        spt_embed.train(killed, callbacks=[Kill(5)])
     assert latest_checkpoint(tmp_path / "b" / "run", Method.LORA).name == "checkpoint-4"
     with pytest.raises(ValueError, match="--method lora"):
         spt_embed.train(config(tmp_path / "b", backbones["llama"]), resume=True)  # an spt run over lora checkpoints

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, TrainerCallback
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from spt_embed.backbone import load_backbone
 from spt_embed.bidirectional import make_bidirectional
@@ -24,7 +24,7 @@ from spt_embed.masking import (
 from spt_embed.mntp import CHECKPOINTS, EVAL_NAME, add_mntp_parser, latest_checkpoint, mntp
 from spt_embed.mntp_config import MNTP_CONFIG_NAME, MNTPConfig
 from spt_embed.module import ForwardPath, SuffixPromptModule
-from tests.conftest import WORDS, _config, build_tokenizer
+from tests.conftest import WORDS, Kill, _config, build_tokenizer
 
 MASK = "<unk>"  # the word-level test tokenizer has no '_'
 
@@ -79,13 +79,6 @@ def trained(lab):
     return mntp(**options(lab))
 
 
-class Kill(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt("simulated kill")
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
+from tests.conftest import Kill
 import spt_embed
 from spt_embed.cli import main
 from spt_embed.training import CHECKPOINTS, latest_checkpoint
@@ -71,15 +71,6 @@ def test_training_moves_only_soft_tokens_and_lowers_loss(tmp_path, backbones):
     assert json.loads((out / "train_config.json").read_text())["num_tokens"] == 4
 
 
-class Kill(TrainerCallback):
-    """Simulates a kill right after the checkpoint at `step` was written."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt("simulated kill")
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, backbones):
