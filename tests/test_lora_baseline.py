@@ -8,14 +8,13 @@ import torch
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 from transformers import TrainerCallback
 
-from tests.conftest import Kill
 import spt_embed
 from spt_embed.baselines import BACKBONE_SUBDIR, BASELINE_CONFIG_NAME, baseline_encoder
 from spt_embed.cli import main
 from spt_embed.evaluate import load_model, resolve_model
 from spt_embed.training import latest_checkpoint
 from spt_embed.train_config import Method
-from tests.conftest import SENTENCES
+from tests.conftest import SENTENCES, Kill
 from tests.test_eval import write_toy_data
 from tests.test_train import config, toy_pairs
 
