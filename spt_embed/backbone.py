@@ -183,7 +183,8 @@ def load_backbone(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32
     kind, path = resolve_source(spec)
     model_dir = gguf_cache_path(path) if kind == "gguf" else path
     try:
-        model = AutoModel.from_pretrained(model_dir, dtype=dtype)
+        # Load as stored and fingerprint before casting, so an adapter's fingerprint holds at any dtype.
+        model = AutoModel.from_pretrained(model_dir, dtype="auto")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"Could not load a backbone from {model_dir}: {exc}") from exc
@@ -198,9 +199,12 @@ def load_backbone(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32
             raise ValueError(f"The tokenizer in {model_dir} has neither a pad nor an eos token; set pad_token first.")
         # Pad ids are masked out, so any real id serves; eos is the usual choice for decoders.
         tokenizer.pad_token = tokenizer.eos_token
+    stored_fingerprint = fingerprint(model)
+    if model.dtype != dtype:
+        model.to(dtype)
     ref = BackboneRef(
         source=str(spec) if kind == "gguf" and str(spec) in NAMED_BACKBONES else str(path),
-        fingerprint=fingerprint(model),
+        fingerprint=stored_fingerprint,
         model_type=model.config.model_type,
         hidden_size=model.config.hidden_size,
         is_causal=getattr(model.config, "is_causal", True) is not False,

@@ -24,7 +24,7 @@ def _cmd_encode(args: argparse.Namespace) -> None:
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it.")
     texts = read_texts(args.input, text_field=args.text_field)
-    model = open_encoder(args.model)
+    model = open_encoder(args.model, dtype=args.dtype)
     embeddings = model.encode(
         texts, batch_size=args.batch_size, prompt=args.prompt, show_progress_bar=True, convert_to_numpy=True
     )
@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spt-embed", description="Suffix prompt tuning: a frozen decoder LLM as a text encoder."
     )
+    from spt_embed.encoder import add_dtype_argument
+
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -120,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--text-field", default="text", help="jsonl field holding the text (default: text)")
     enc.add_argument("--prompt", default=None, help="instruction prepended to every text")
     enc.add_argument("--batch-size", type=int, default=32)
+    add_dtype_argument(enc)
     enc.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     enc.set_defaults(func=_cmd_encode)
 

@@ -26,6 +26,7 @@ from spt_embed import __version__
 from spt_embed.baselines import Baseline, parse_baseline
 from spt_embed.backbone import NAMED_BACKBONES, file_sha256, resolve_source
 from spt_embed.config import CONFIG_NAME
+from spt_embed.encoder import add_dtype_argument
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +56,12 @@ class ModelIdentity:
     baseline: str | None = None
     query_prompt: str | None = None
     document_prompt: str | None = None
+    dtype: str = "float32"  # weights the encoder ran in (results folders written before this field: float32)
 
     def describe(self) -> str:
         parts = [f"{self.kind} {self.digest[:12]}"]
+        if self.dtype != "float32":
+            parts.append(self.dtype)
         if self.baseline:
             parts.append(f"baseline {self.baseline}")
         if self.query_prompt is not None:
@@ -132,7 +136,11 @@ def _folder_digest(folder: Path) -> str:
 
 
 def model_identity(
-    resolved: ResolvedModel, *, query_prompt: str | None = None, document_prompt: str | None = None
+    resolved: ResolvedModel,
+    *,
+    query_prompt: str | None = None,
+    document_prompt: str | None = None,
+    dtype: str = "float32",
 ) -> ModelIdentity:
     if resolved.kind == "baseline":
         _, path = resolve_source(resolved.location)
@@ -145,18 +153,19 @@ def model_identity(
         baseline=resolved.baseline.value if resolved.baseline else None,
         query_prompt=query_prompt,
         document_prompt=document_prompt,
+        dtype=dtype,
     )
 
 
-def load_model(resolved: ResolvedModel, *, device: str | None = None):
-    """The SentenceTransformer behind a resolved spec."""
+def load_model(resolved: ResolvedModel, *, device: str | None = None, dtype: str = "float32"):
+    """The SentenceTransformer behind a resolved spec, its weights in `dtype`."""
+    from spt_embed.encoder import open_encoder, parse_dtype
+
     if resolved.kind == "baseline":
         from spt_embed.baselines import baseline_encoder
 
-        return baseline_encoder(resolved.location, resolved.baseline, device=device)
-    from spt_embed.encoder import open_encoder
-
-    return open_encoder(resolved.location, device=device)
+        return baseline_encoder(resolved.location, resolved.baseline, device=device, dtype=parse_dtype(dtype))
+    return open_encoder(resolved.location, device=device, dtype=dtype)
 
 
 def mteb_encoder(model, *, query_prompt: str | None = None, document_prompt: str | None = None):
@@ -259,6 +268,7 @@ def evaluate(
     document_prompt: str | None = None,
     eval_splits: list[str] | None = None,
     device: str | None = None,
+    dtype: str = "float32",
 ) -> dict[str, float]:
     """Evaluate `model` on `tasks` and write mteb result files to `output_dir`; returns each task's main score
     (mean over the evaluated splits, 0-1 scale).
@@ -268,13 +278,15 @@ def evaluate(
     """
     import mteb
 
+    from spt_embed.encoder import dtype_name, parse_dtype
     from spt_embed.mteb_tasks import get_tasks, load_task_data
 
+    dtype = dtype_name(parse_dtype(dtype))
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     task_objects = get_tasks(list(tasks), eval_splits=eval_splits)
     resolved = resolve_model(model, baseline)
-    identity = model_identity(resolved, query_prompt=query_prompt, document_prompt=document_prompt)
+    identity = model_identity(resolved, query_prompt=query_prompt, document_prompt=document_prompt, dtype=dtype)
     folder = Path(output_dir)
     _prepare_output_dir(folder, identity, resolved, overwrite)
 
@@ -300,7 +312,7 @@ def evaluate(
         if encoder is None:
             logger.info("Loading %s", resolved.spec)
             encoder = mteb_encoder(
-                load_model(resolved, device=device), query_prompt=query_prompt, document_prompt=document_prompt
+                load_model(resolved, device=device, dtype=dtype), query_prompt=query_prompt, document_prompt=document_prompt
             )
         name = task.metadata.name
         logger.info("[%d/%d] %s, split(s) %s", index, len(plan), name, ", ".join(task.eval_splits))
@@ -356,6 +368,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--query-prompt", default=None, help="text prepended to retrieval queries")
     parser.add_argument("--document-prompt", default=None, help="text prepended to retrieval documents")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    add_dtype_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="recompute results already in --output")
     parser.set_defaults(func=run_eval)
     return parser
@@ -372,6 +385,7 @@ def run_eval(args: argparse.Namespace) -> None:
         query_prompt=args.query_prompt,
         document_prompt=args.document_prompt,
         eval_splits=args.splits,
+        dtype=args.dtype,
     )
     width = max(len(name) for name in scores)
     for name, score in scores.items():

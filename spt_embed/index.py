@@ -172,6 +172,7 @@ class IndexMetadata:
     index_type: str = field(default="flat", metadata={"help": "Preset (flat, hnsw, ivfpq) or factory string asked."})
     factory: str = field(default="Flat", metadata={"help": "The FAISS factory string actually built."})
     query_prompt: str | None = field(default=None, metadata={"help": "Text prepended to every query, never to docs."})
+    dtype: str = field(default="float32", metadata={"help": "Weights' dtype of the encoder; queries are encoded in it."})
     corpus: dict[str, Any] | None = field(default=None, metadata={"help": "CorpusSpec of the indexed file, if one."})
     spt_embed_version: str = field(default="", metadata={"help": "Library version that wrote the index."})
     faiss_version: str = field(default="", metadata={"help": "FAISS version that wrote the index."})
@@ -236,7 +237,7 @@ class Index:
                 raise ValueError("This index records no model spec; pass the model: load_index(path, model=...).")
             from spt_embed.encoder import open_encoder
 
-            self.model = open_encoder(self.metadata.model)
+            self.model = open_encoder(self.metadata.model, dtype=self.metadata.dtype)
         return self._model
 
     @model.setter
@@ -463,6 +464,8 @@ def build_index(
         if not isinstance(text, str):
             raise TypeError(f"Text {position} is {type(text).__name__}, expected str.")
     check_unique_ids(ids)
+    from spt_embed.encoder import weights_dtype
+
     fingerprint, backbone = model_fingerprint(model)
     metadata = IndexMetadata(
         fingerprint=fingerprint,
@@ -471,6 +474,7 @@ def build_index(
         backbone_fingerprint=backbone,
         index_type=str(getattr(index_type, "value", index_type)),
         query_prompt=query_prompt,
+        dtype=weights_dtype(model),
     )
     embeddings = model.encode_document(
         texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=show_progress_bar

@@ -17,6 +17,7 @@ def add_index_parsers(subparsers) -> None:
     """Add the three subcommands to the `spt-embed` subparsers; each sets `func` to its run function."""
     from spt_embed.corpus import CorpusFormat
     from spt_embed.index import IndexType
+    from spt_embed.encoder import add_dtype_argument
     from spt_embed.indexing import DEFAULT_BLOCK_SIZE, OnDuplicate
 
     presets = ", ".join(t.value for t in IndexType)
@@ -46,6 +47,7 @@ def add_index_parsers(subparsers) -> None:
     idx.add_argument("--on-duplicate", choices=duplicates, default=OnDuplicate.ERROR.value, help="a repeated id")
     idx.add_argument("--shard", default=None, help="i/N: encode only records r with r %% N == i, into a shard folder")
     idx.add_argument("--batch-size", type=int, default=32)
+    add_dtype_argument(idx)
     idx.add_argument(
         "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="documents per saved part (resume granularity)"
     )
@@ -99,6 +101,7 @@ def run_index(args: argparse.Namespace) -> None:
         on_duplicate=args.on_duplicate,
         overwrite=args.overwrite,
         keep_parts=args.keep_parts,
+        dtype=args.dtype,
     )
     if args.shard is not None:
         from spt_embed.indexing import ShardMetadata
@@ -129,7 +132,7 @@ def run_search(args: argparse.Namespace) -> None:
     if args.model is not None:
         from spt_embed.encoder import open_encoder
 
-        index.model = open_encoder(args.model)  # checked against the index's fingerprint and dimension
+        index.model = open_encoder(args.model, dtype=index.metadata.dtype)  # checked against the index's fingerprint and dimension
     if args.corpus is not None:
         if index.metadata.corpus is None:
             raise ValueError(f"{args.index} records no corpus layout (merged from several files): no snippets.")

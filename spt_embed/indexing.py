@@ -35,6 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from spt_embed.corpus import CorpusSpec, Document, Shard, count_records, iter_documents
+from spt_embed.encoder import weights_dtype
 from spt_embed.index import Index, IndexMetadata, IndexType, META_FILE, model_fingerprint, new_faiss_index, normalize
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class ShardMetadata:
     model: str = field(default="", metadata={"help": "Model spec the encoder was opened from."})
     backbone_fingerprint: str = field(default="", metadata={"help": "SPT only: the backbone's fingerprint."})
     query_prompt: str | None = field(default=None, metadata={"help": "Query prompt the index will apply."})
+    dtype: str = field(default="float32", metadata={"help": "Weights' dtype of the encoder (resume in the same)."})
     index_type: str = field(default=IndexType.FLAT.value, metadata={"help": "Index type the merge builds by default."})
     block_size: int = field(default=DEFAULT_BLOCK_SIZE, metadata={"help": "Documents per part (resume granularity)."})
     on_duplicate: str = field(default=OnDuplicate.ERROR.value, metadata={"help": "error or keep-first."})
@@ -103,6 +105,7 @@ class ShardMetadata:
             index_type=index_type,
             query_prompt=self.query_prompt,
             corpus=self.corpus,
+            dtype=self.dtype,
         )
 
 
@@ -212,6 +215,7 @@ def encode_shard(
         model=model_spec,
         backbone_fingerprint=backbone,
         query_prompt=query_prompt,
+        dtype=weights_dtype(model),
         index_type=str(getattr(index_type, "value", index_type)),
         block_size=block_size,
         on_duplicate=OnDuplicate(on_duplicate).value,
@@ -276,7 +280,7 @@ def encode_shard(
 
 def _mismatch(found: ShardMetadata, wanted: ShardMetadata) -> str | None:
     """The first setting that differs between a shard folder and a new job, as 'name=found, not wanted'."""
-    for name in ("fingerprint", "dimension", "corpus", "shard", "block_size", "query_prompt", "on_duplicate"):
+    for name in ("fingerprint", "dimension", "dtype", "corpus", "shard", "block_size", "query_prompt", "on_duplicate"):
         if getattr(found, name) != getattr(wanted, name):
             return f"{name}={getattr(found, name)!r}, not {getattr(wanted, name)!r}"
     return None
@@ -434,19 +438,21 @@ def index_corpus(
     overwrite: bool = False,
     keep_parts: bool = False,
     model_spec: str | None = None,
+    dtype: str = "float32",
 ) -> Path:
     """Encode a corpus file and write an index folder at `output` (or, with `shard`, a shard folder to merge).
 
     `model`: a model spec (adapter folder, bundled adapter name, SentenceTransformer folder) or a loaded
     SentenceTransformer (then pass `model_spec` for the index to record how to reopen it). Without `shard`, the
     embeddings go to `OUTPUT.parts/` first, so that a killed run resumes; it is removed at the end unless
-    `keep_parts`. With `shard`, `overwrite` deletes an existing shard folder instead of resuming it.
+    `keep_parts`. With `shard`, `overwrite` deletes an existing shard folder instead of resuming it. `dtype`: the
+    weights' dtype a model spec is opened in (recorded; search encodes queries in it).
     """
     if isinstance(model, (str, os.PathLike)):
         from spt_embed.encoder import open_encoder
 
         model_spec = _model_spec(model) if model_spec is None else model_spec
-        model = open_encoder(model_spec)
+        model = open_encoder(model_spec, dtype=dtype)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     corpus = CorpusSpec(

@@ -200,7 +200,8 @@ class SuffixPromptModule(InputModule):
                 hidden = self._fast_forward(input_ids, attention_mask)
             else:
                 hidden = self._full_forward(input_ids, attention_mask)
-        features["sentence_embedding"] = hidden
+        # fp32 out whatever the backbone's dtype: normalising and FAISS then work at full precision.
+        features["sentence_embedding"] = hidden.float()  # (B, H)
         return features
 
     def resolve_path(self, text_length: int) -> ForwardPath:
