@@ -9,7 +9,8 @@
    `smollm2-135m-nli` that the same recipe produced;
 3. saves, reloads and exports it as a plain SentenceTransformer and checks all give the same embeddings;
 4. encodes the bundled SciFact corpus into a FAISS index (OUTPUT/scifact.index; resumable if killed) and runs a
-   search.
+   search. `--index-dtype auto` (the default) encodes in bfloat16 where the CPU multiplies it natively
+   (AVX512-BF16 or AMX: about 2x faster, README "Speed"), else in float32.
 Steps that already have their output are reused on a rerun.
 """
 
@@ -46,6 +47,15 @@ def train_encoder(out: Path, steps: int | None) -> Path:
     return encoder
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (Linux: the avx512_bf16 or amx_bf16 cpuinfo flag)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def corpus_file(out: Path, limit: int | None) -> Path:
     corpus = data_root() / "beir_scifact" / "corpus.jsonl"
     if not limit:
@@ -61,7 +71,15 @@ def main() -> None:
     parser.add_argument("--output", default="out/demo")
     parser.add_argument("--train-steps", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--index-docs", type=int, default=None, help="index only the first N SciFact documents")
+    parser.add_argument(
+        "--index-dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="weights' dtype for the SciFact encoding (auto: bfloat16 if the CPU has native bf16, else float32)",
+    )
     args = parser.parse_args()
+    if args.index_dtype == "auto":
+        args.index_dtype = "bfloat16" if native_bf16() else "float32"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,16 +109,18 @@ def main() -> None:
     print(f"      reloaded adapter max |diff| {np.abs(reloaded - emb).max():.2e}; plain export (no custom code) "
           f"max |diff| {np.abs(plain - emb).max():.2e}")
 
-    print("[4/4] SciFact corpus -> FAISS index")
     index_path = out / "scifact.index"
+    print(f"[4/4] SciFact corpus -> FAISS index {index_path} (encoding in {args.index_dtype})")
     if not index_path.exists():
-        spt_embed.index_corpus(str(encoder), corpus_file(out, args.index_docs), index_path, index_type="flat")
+        spt_embed.index_corpus(
+            str(encoder), corpus_file(out, args.index_docs), index_path, index_type="flat", dtype=args.index_dtype
+        )
     index = spt_embed.load_index(index_path)
     hits = index.search([QUERY], 5)[0]
     print(f"      {index.metadata.count} documents; top 5 for {QUERY!r}:")
     for hit in hits:
         print(f"      {hit.score:.3f}  {hit.id:>10s}  {(index.document_text(hit.id) or '')[:90]!r}")
-    summary = {"sts_b_test": scores, "index": str(index_path), "minutes": (time.perf_counter() - start) / 60}
+    summary = {"sts_b_test": scores, "index": str(index_path), "index_dtype": index.metadata.dtype, "minutes": (time.perf_counter() - start) / 60}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"done in {summary['minutes']:.1f} min; summary in {out / 'demo_summary.json'}")
 
