@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import spt_embed.evaluate as ev
-from spt_embed import SuffixPromptEncoder, load, save
+from spt_embed import SuffixPromptEncoder, export, load, save
 from spt_embed.backbone import load_backbone
 from spt_embed.cli import main
 from spt_embed.encoder import open_encoder, parse_dtype, weights_dtype
@@ -50,10 +50,14 @@ def test_bad_dtype_is_named():
     assert parse_dtype("float16") is torch.float16
 
 
-def test_sentence_transformer_folder_in_bfloat16(adapter, tmp_path):
+def test_plain_sentence_transformer_folder_in_bfloat16(adapter, tmp_path):
     plain = tmp_path / "plain"
-    load(adapter).save(str(plain))
-    assert weights_dtype(open_encoder(plain, dtype="bfloat16")) == "bfloat16"
+    export(adapter, plain)  # modules.json, no spt_config.json: the SentenceTransformer branch of open_encoder
+    model = open_encoder(plain, dtype="bfloat16")
+    assert type(model[0]).__name__ == "Transformer" and weights_dtype(model) == "bfloat16"
+    embedding = model.encode(TEXTS, convert_to_numpy=True)
+    assert embedding.dtype == np.float32
+    assert ((embedding * load(adapter).encode(TEXTS)).sum(axis=1)).min() > 0.98
 
 
 def test_eval_results_record_the_dtype_and_are_not_mixed(data_root, backbones, tmp_path):
