@@ -1,6 +1,6 @@
 """The README's main job on the default model: train a suffix prompt, evaluate it, index a corpus.
 
-    python eval/demo.py                      # what `make demo` runs (about 45 min on 2 CPU cores)
+    python eval/demo.py                      # what `make demo` runs (23 min on 2 CPU cores, measured)
     python eval/demo.py --train-steps 2 --index-docs 50 --output out/demo-smoke   # a quick pass through every step
 
 1. trains the recipe `train/configs/smollm2-nli.yaml` (SmolLM2-135M + 16 soft tokens; the GGUF is dequantised and
