@@ -241,6 +241,7 @@ def train(
     dataset = load_datasets(config)
     model = build_model(config)
     evaluating = config.eval_steps > 0
+    cuda = _cuda()
     args = SentenceTransformerTrainingArguments(
         output_dir=str(output / CHECKPOINTS),
         max_steps=config.max_steps,
@@ -264,8 +265,8 @@ def train(
         multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL,
         dataloader_drop_last=True,
         report_to="none",
-        use_cpu=not _cuda(),
-        ddp_backend=None if _cuda() else ("gloo" if world_size() > 1 else None),
+        use_cpu=not cuda,
+        ddp_backend=None if cuda else ("gloo" if world_size() > 1 else None),
         ddp_find_unused_parameters=False,
         disable_tqdm=not is_main_process(),
     )
