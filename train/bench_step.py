@@ -2,7 +2,10 @@
 
     python train/bench_step.py                # writes train/results/bench_step.json and prints a table
 
-Modes, each on the same batch of SNLI rows (32 pairs, then 32 triplets), timed after one warm-up step:
+Modes, each on the same batch of SNLI rows (32 pairs, then 32 triplets), timed after one warm-up step. Every mode
+runs once per round (default 3 rounds of 3 steps) in a fresh process; s/step is the median over all rounds' steps,
+and each ratio is taken within a round and reported as the median over rounds, because this machine's speed drifts
+by up to 1.5x over minutes and a single sequential pass can put the forward and the fast step in different phases:
   forward  encoder forward of every column under no_grad (the cost of merely reading the texts)
   full     SPT step, backprop through all tokens (full pass over [text | soft tokens])
   fast     SPT step on the causal fast path (text under no_grad with a KV cache, then K soft tokens with grad)
@@ -110,10 +113,26 @@ def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int, te
     }
 
 
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One mode's result over all rounds: the median of every timed step, and the largest memory peak."""
+    steps = [t for r in rounds for t in r["steps_s"]]
+    worst = max(rounds, key=lambda r: r["step_mem_mb"])
+    return {
+        **{k: v for k, v in rounds[0].items() if k not in ("median_s", "steps_s")},
+        "median_s": statistics.median(steps),
+        "steps_s": steps,
+        "round_medians_s": [r["median_s"] for r in rounds],
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
+        "rss_before_steps_mb": worst["rss_before_steps_mb"],
+        "step_mem_mb": worst["step_mem_mb"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up (median reported)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up, per round")
+    parser.add_argument("--rounds", type=int, default=3, help="times every mode is run, each time in a fresh process")
     parser.add_argument("--num-tokens", type=int, default=16)
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
@@ -138,40 +157,49 @@ def main() -> None:
     suffix = "" if args.texts == "snli" else f"_{args.texts}"
     suffix += "" if args.pack_tokens == SuffixPromptModule.DEFAULT_PACK_TOKENS else f"_pack{args.pack_tokens}"
     args.output = args.output or f"train/results/bench_step{suffix}.json"
-    results = []
-    for kind in args.kinds:
-        for mode in args.modes:
-            cmd = [sys.executable, __file__, "--child", mode, kind, "--batch-size", str(args.batch_size),
-                   "--steps", str(args.steps), "--num-tokens", str(args.num_tokens), "--texts", args.texts,
-                   "--pack-tokens", str(args.pack_tokens)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                sys.exit(f"{mode}/{kind} failed:\n{proc.stderr[-3000:]}")
-            results.append(json.loads(lines[-1][len("RESULT "):]))
-            r = results[-1]
-            print(f"{kind:8s} {mode:8s} {r['median_s']:7.2f} s/step  peak RSS {r['peak_rss_mb'] / 1024:5.2f} GB  "
-                  f"step memory {r['step_mem_mb'] / 1024:5.2f} GB  "
-                  f"text tokens {r['text_tokens']} ({r['padded_text_tokens']} padded)", flush=True)
+    runs: dict[tuple[str, str], list[dict]] = {(kind, mode): [] for kind in args.kinds for mode in args.modes}
+    for round_ in range(args.rounds):
+        for kind in args.kinds:
+            for mode in args.modes:
+                cmd = [sys.executable, __file__, "--child", mode, kind, "--batch-size", str(args.batch_size),
+                       "--steps", str(args.steps), "--num-tokens", str(args.num_tokens), "--texts", args.texts,
+                       "--pack-tokens", str(args.pack_tokens)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+                if proc.returncode != 0 or not lines:
+                    sys.exit(f"{mode}/{kind} failed:\n{proc.stderr[-3000:]}")
+                r = json.loads(lines[-1][len("RESULT "):])
+                runs[kind, mode].append(r)
+                print(f"round {round_ + 1}/{args.rounds} {kind:8s} {mode:8s} {r['median_s']:7.2f} s/step  "
+                      f"peak RSS {r['peak_rss_mb'] / 1024:5.2f} GB  step memory {r['step_mem_mb'] / 1024:5.2f} GB  "
+                      f"text tokens {r['text_tokens']} ({r['padded_text_tokens']} padded)", flush=True)
+    results = [merge_rounds(rs) for rs in runs.values()]
 
     ratios = {}
     for kind in args.kinds:
-        by_mode = {r["mode"]: r for r in results if r["kind"] == kind}
-        if {"forward", "full", "fast", "lora"} <= set(by_mode):
-            fast = by_mode["fast"]
-            ratios[kind] = {
-                "fast_over_forward": fast["median_s"] / by_mode["forward"]["median_s"],
-                "full_over_fast": by_mode["full"]["median_s"] / fast["median_s"],
-                "lora_over_fast": by_mode["lora"]["median_s"] / fast["median_s"],
-                "fast_mem_over_full": fast["step_mem_mb"] / by_mode["full"]["step_mem_mb"],
-                "fast_peak_rss_over_full": fast["peak_rss_mb"] / by_mode["full"]["peak_rss_mb"],
-            }
-            ratios[kind]["meets_requirements"] = (
-                ratios[kind]["fast_over_forward"] <= 1.3
-                and ratios[kind]["full_over_fast"] >= 1.5
-                and ratios[kind]["lora_over_fast"] >= 1.5
-                and ratios[kind]["fast_mem_over_full"] <= 0.5
-            )
+        if not {"forward", "full", "fast", "lora"} <= set(args.modes):
+            continue
+        # A ratio is taken within each round (its modes ran minutes apart, so the machine's speed drifts little
+        # between them) and the median over rounds is reported; the memory ratios use the largest peaks.
+        per_round = [{m: runs[kind, m][i]["median_s"] for m in MODES} for i in range(args.rounds)]
+        fast = next(r for r in results if r["kind"] == kind and r["mode"] == "fast")
+        full = next(r for r in results if r["kind"] == kind and r["mode"] == "full")
+        ratios[kind] = {
+            "fast_over_forward": statistics.median(t["fast"] / t["forward"] for t in per_round),
+            "full_over_fast": statistics.median(t["full"] / t["fast"] for t in per_round),
+            "lora_over_fast": statistics.median(t["lora"] / t["fast"] for t in per_round),
+            "fast_mem_over_full": fast["step_mem_mb"] / full["step_mem_mb"],
+            "fast_peak_rss_over_full": fast["peak_rss_mb"] / full["peak_rss_mb"],
+            "fast_over_forward_per_round": [t["fast"] / t["forward"] for t in per_round],
+            "full_over_fast_per_round": [t["full"] / t["fast"] for t in per_round],
+            "lora_over_fast_per_round": [t["lora"] / t["fast"] for t in per_round],
+        }
+        ratios[kind]["meets_requirements"] = (
+            ratios[kind]["fast_over_forward"] <= 1.3
+            and ratios[kind]["full_over_fast"] >= 1.5
+            and ratios[kind]["lora_over_fast"] >= 1.5
+            and ratios[kind]["fast_mem_over_full"] <= 0.5
+        )
     report = {
         "command": "python train/bench_step.py " + " ".join(sys.argv[1:]),
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
@@ -179,6 +207,8 @@ def main() -> None:
         "texts": args.texts,
         "pack_tokens": args.pack_tokens,
         "num_tokens": args.num_tokens,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
         "results": results,
         "ratios": ratios,
     }
@@ -190,7 +220,9 @@ def main() -> None:
         print(f"| {args.batch_size} {r['kind']} | {r['mode']} | {r['median_s']:.2f} | {r['step_mem_mb'] / 1024:.2f} GB "
               f"| {r['peak_rss_mb'] / 1024:.2f} GB |")
     for kind, ratio in ratios.items():
-        print(f"{kind}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in ratio.items()))
+        print(f"{kind}: " + ", ".join(f"{k} {v:.2f}" for k, v in ratio.items() if isinstance(v, float))
+              + f", meets_requirements {ratio['meets_requirements']}")
+        print("  per round: fast/forward " + " ".join(f"{v:.2f}" for v in ratio["fast_over_forward_per_round"]))
     print(f"wrote {out}")
 
 
