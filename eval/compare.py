@@ -92,11 +92,13 @@ def bar_chart(table: dict[str, dict[str, float]], path: Path, tasks: list[str] |
     groups = [*tasks, "average"]
     width = 0.8 / max(1, len(table))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 0.4 * len(table)), 4.5))
+    # The default cycle repeats after 10 colours, which would give two models the same bar colour.
+    colours = plt.get_cmap("tab10" if len(table) <= 10 else "tab20").colors
     for index, (label, scores) in enumerate(table.items()):
         mean = average(scores, tasks)
         values = [scores.get(task, 0.0) for task in tasks] + [mean if mean is not None else 0.0]
         positions = [group + (index - (len(table) - 1) / 2) * width for group in range(len(groups))]
-        ax.bar(positions, values, width=width, label=label)
+        ax.bar(positions, values, width=width, label=label, color=colours[index % len(colours)])
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=15)
     ax.set_ylabel("main score x100")
