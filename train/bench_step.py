@@ -157,42 +157,39 @@ def main() -> None:
     suffix = "" if args.texts == "snli" else f"_{args.texts}"
     suffix += "" if args.pack_tokens == SuffixPromptModule.DEFAULT_PACK_TOKENS else f"_pack{args.pack_tokens}"
     args.output = args.output or f"train/results/bench_step{suffix}.json"
+    common = ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--num-tokens", str(args.num_tokens),
+              "--texts", args.texts, "--pack-tokens", str(args.pack_tokens)]
     runs: dict[tuple[str, str], list[dict]] = {(kind, mode): [] for kind in args.kinds for mode in args.modes}
     for round_ in range(args.rounds):
-        for kind in args.kinds:
-            for mode in args.modes:
-                cmd = [sys.executable, __file__, "--child", mode, kind, "--batch-size", str(args.batch_size),
-                       "--steps", str(args.steps), "--num-tokens", str(args.num_tokens), "--texts", args.texts,
-                       "--pack-tokens", str(args.pack_tokens)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-                if proc.returncode != 0 or not lines:
-                    sys.exit(f"{mode}/{kind} failed:\n{proc.stderr[-3000:]}")
-                r = json.loads(lines[-1][len("RESULT "):])
-                runs[kind, mode].append(r)
-                print(f"round {round_ + 1}/{args.rounds} {kind:8s} {mode:8s} {r['median_s']:7.2f} s/step  "
-                      f"peak RSS {r['peak_rss_mb'] / 1024:5.2f} GB  step memory {r['step_mem_mb'] / 1024:5.2f} GB  "
-                      f"text tokens {r['text_tokens']} ({r['padded_text_tokens']} padded)", flush=True)
-    results = [merge_rounds(rs) for rs in runs.values()]
+        for kind, mode in runs:
+            proc = subprocess.run([sys.executable, __file__, "--child", mode, kind, *common],
+                                  capture_output=True, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                sys.exit(f"{mode}/{kind} failed:\n{proc.stderr[-3000:]}")
+            r = json.loads(lines[-1][len("RESULT "):])
+            runs[kind, mode].append(r)
+            print(f"round {round_ + 1}/{args.rounds} {kind:8s} {mode:8s} {r['median_s']:7.2f} s/step  "
+                  f"peak RSS {r['peak_rss_mb'] / 1024:5.2f} GB  step memory {r['step_mem_mb'] / 1024:5.2f} GB  "
+                  f"text tokens {r['text_tokens']} ({r['padded_text_tokens']} padded)", flush=True)
+    merged = {key: merge_rounds(rs) for key, rs in runs.items()}
+    results = list(merged.values())
 
     ratios = {}
-    for kind in args.kinds:
-        if not {"forward", "full", "fast", "lora"} <= set(args.modes):
-            continue
+    for kind in args.kinds if set(MODES) <= set(args.modes) else []:
         # A ratio is taken within each round (its modes ran minutes apart, so the machine's speed drifts little
         # between them) and the median over rounds is reported; the memory ratios use the largest peaks.
-        per_round = [{m: runs[kind, m][i]["median_s"] for m in MODES} for i in range(args.rounds)]
-        fast = next(r for r in results if r["kind"] == kind and r["mode"] == "fast")
-        full = next(r for r in results if r["kind"] == kind and r["mode"] == "full")
+        per_round = {
+            name: [top["median_s"] / bottom["median_s"] for top, bottom in zip(runs[kind, a], runs[kind, b])]
+            for name, a, b in [("fast_over_forward", "fast", "forward"), ("full_over_fast", "full", "fast"),
+                               ("lora_over_fast", "lora", "fast")]
+        }
+        fast, full = merged[kind, "fast"], merged[kind, "full"]
         ratios[kind] = {
-            "fast_over_forward": statistics.median(t["fast"] / t["forward"] for t in per_round),
-            "full_over_fast": statistics.median(t["full"] / t["fast"] for t in per_round),
-            "lora_over_fast": statistics.median(t["lora"] / t["fast"] for t in per_round),
+            **{name: statistics.median(values) for name, values in per_round.items()},
             "fast_mem_over_full": fast["step_mem_mb"] / full["step_mem_mb"],
             "fast_peak_rss_over_full": fast["peak_rss_mb"] / full["peak_rss_mb"],
-            "fast_over_forward_per_round": [t["fast"] / t["forward"] for t in per_round],
-            "full_over_fast_per_round": [t["full"] / t["fast"] for t in per_round],
-            "lora_over_fast_per_round": [t["lora"] / t["fast"] for t in per_round],
+            **{f"{name}_per_round": values for name, values in per_round.items()},
         }
         ratios[kind]["meets_requirements"] = (
             ratios[kind]["fast_over_forward"] <= 1.3
