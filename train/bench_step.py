@@ -113,6 +113,13 @@ def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int, te
     }
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def merge_rounds(rounds: list[dict]) -> dict:
     """One mode's result over all rounds: the median of every timed step, and the largest memory peak."""
     steps = [t for r in rounds for t in r["steps_s"]]
@@ -130,9 +137,10 @@ def merge_rounds(rounds: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up, per round")
-    parser.add_argument("--rounds", type=int, default=3, help="times every mode is run, each time in a fresh process")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps after one warm-up, per round")
+    parser.add_argument("--rounds", type=positive_int, default=3,
+                        help="times every mode is run, each time in a fresh process")
     parser.add_argument("--num-tokens", type=int, default=16)
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
