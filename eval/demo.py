@@ -26,8 +26,8 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 
 import spt_embed
-from spt_embed.data import data_root
-from spt_embed.evaluate import evaluate
+from spt_embed.training.data import data_root
+from spt_embed.evaluation.evaluate import evaluate
 
 RECIPE = Path(__file__).resolve().parents[1] / "train" / "configs" / "smollm2-nli.yaml"
 SENTENCES = ["A man is playing a flute.", "A man plays the flute.", "A woman is slicing an onion."]

@@ -6,7 +6,7 @@
 1. `index_corpus` encodes data/beir_scifact/corpus.jsonl (5,183 docs, title + text as mteb joins them) into a flat
    (exact inner product) index; the 300 test queries are searched with `Index.search`; nDCG@10 is computed by
    pytrec_eval (the implementation mteb uses) on the FAISS rankings.
-2. mteb's own SciFact evaluation (`mteb.evaluate` on the local task of spt_embed.mteb_tasks) runs on the same
+2. mteb's own SciFact evaluation (`mteb.evaluate` on the local task of spt_embed.evaluation.mteb_tasks) runs on the same
    model with its document/query encoders answered from the embeddings of step 1, looked up by exact text: a
    lookup miss (a text mteb builds differently) is encoded afresh and counted. Equal scores and zero misses show
    that the FAISS path (text joining, id mapping, search) reproduces mteb. `--mteb-reencode` lets mteb encode
@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from spt_embed.corpus import CorpusSpec, iter_documents
-from spt_embed.data import data_root
-from spt_embed.encoder import add_dtype_argument, open_encoder
-from spt_embed.index import IndexMetadata, index_from_embeddings, load_index
-from spt_embed.indexing import index_corpus
+from spt_embed.retrieval.corpus import CorpusSpec, iter_documents
+from spt_embed.training.data import data_root
+from spt_embed.model.encoder import add_dtype_argument, open_encoder
+from spt_embed.retrieval.index import IndexMetadata, index_from_embeddings, load_index
+from spt_embed.retrieval.indexing import index_corpus
 
 logger = logging.getLogger("faiss_retrieval")
 EF_SEARCH = (16, 32, 64, 128, 256)
@@ -107,7 +107,7 @@ def install_lookup(model, table: dict[tuple[str, str, str], np.ndarray], counts:
 def mteb_score(model, batch_size: int) -> float:
     import mteb
 
-    from spt_embed.mteb_tasks import get_tasks
+    from spt_embed.evaluation.mteb_tasks import get_tasks
 
     outcome = mteb.evaluate(
         model, get_tasks(["SciFact"]), cache=None, co2_tracker=False, encode_kwargs={"batch_size": batch_size}
@@ -118,7 +118,7 @@ def mteb_score(model, batch_size: int) -> float:
 def resolve_reference(spec: str) -> str:
     """`all-minilm-l6-v2` (the reference encoder packaged on PyPI) to its folder; any other spec as it is."""
     try:
-        from spt_embed.evaluate import REFERENCE_ENCODERS, reference_encoder_path
+        from spt_embed.evaluation.evaluate import REFERENCE_ENCODERS, reference_encoder_path
     except ImportError:
         return spec
     return str(reference_encoder_path(spec)) if spec in REFERENCE_ENCODERS else spec

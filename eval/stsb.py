@@ -15,8 +15,8 @@ from pathlib import Path
 
 from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
 
-from spt_embed.data import load_sts
-from spt_embed.encoder import open_encoder
+from spt_embed.training.data import load_sts
+from spt_embed.model.encoder import open_encoder
 
 
 def main() -> None:

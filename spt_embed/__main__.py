@@ -1,5 +1,5 @@
 import sys
 
-from spt_embed.cli import main
+from spt_embed.cli.main import main
 
 sys.exit(main())

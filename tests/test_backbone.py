@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from spt_embed import backbone as bb
-from spt_embed.backbone import load_backbone, resolve_source
+from spt_embed.model import backbone as bb
+from spt_embed.model.backbone import load_backbone, resolve_source
 
 from .conftest import ARCHS, make_backbone
 

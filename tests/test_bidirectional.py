@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModel, GPT2Config, GPT2Model
 
-from spt_embed.backbone import load_backbone
-from spt_embed.bidirectional import SUPPORTED, is_bidirectional, make_bidirectional, verify_bidirectional
-from spt_embed.module import ForwardPath, SuffixPromptModule
+from spt_embed.model.backbone import load_backbone
+from spt_embed.model.bidirectional import SUPPORTED, is_bidirectional, make_bidirectional, verify_bidirectional
+from spt_embed.model.module import ForwardPath, SuffixPromptModule
 from tests.conftest import _config
 
 ARCHS = ["llama", "qwen2", "mistral"]

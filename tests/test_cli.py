@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from spt_embed import SuffixPromptEncoder
-from spt_embed.cli import main
+from spt_embed.cli.main import main
 
 from .conftest import SENTENCES
 

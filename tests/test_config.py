@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from spt_embed.config import CONFIG_NAME, BackboneRef, Init, Placement, SuffixPromptConfig
+from spt_embed.model.config import CONFIG_NAME, BackboneRef, Init, Placement, SuffixPromptConfig
 
 REF = BackboneRef(source="x", fingerprint="f", model_type="llama", hidden_size=8)
 

@@ -10,8 +10,8 @@ import datasets
 import pandas as pd
 import pytest
 
-from spt_embed import data
-from spt_embed.data import PRESETS, data_root, load_pairs, load_sts, load_training_data
+from spt_embed.training import data
+from spt_embed.training.data import PRESETS, data_root, load_pairs, load_sts, load_training_data
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -86,7 +86,7 @@ def test_formats_round_trip(tmp_path, name, with_negative):
 )
 def test_column_auto_detection(tmp_path, caplog, columns, expected):
     rows = [{c: f"{c} text {i}" for c in columns} for i in range(3)]
-    with caplog.at_level(logging.INFO, logger="spt_embed.data"):
+    with caplog.at_level(logging.INFO, logger="spt_embed.training.data"):
         loaded = load_pairs(write(tmp_path / "pairs.jsonl", rows))
     assert loaded.column_names == list(data.ROLES[: len(expected)])
     assert loaded[0] == {role: f"{c} text 0" for role, c in zip(data.ROLES, expected)}
@@ -166,7 +166,7 @@ def test_empty_rows_dropped_and_counted(tmp_path, caplog):
         {"anchor": None, "positive": "p4"},
         {"anchor": "a5", "positive": "p5"},
     ]
-    with caplog.at_level(logging.WARNING, logger="spt_embed.data"):
+    with caplog.at_level(logging.WARNING, logger="spt_embed.training.data"):
         loaded = load_pairs(write(tmp_path / "pairs.jsonl", rows))
     assert loaded.to_list() == [rows[0], rows[4]]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -287,7 +287,7 @@ def test_preset_limit():
 def test_load_training_data_mixes_and_shuffles(tmp_path, caplog):
     triplets = write(tmp_path / "triplets.jsonl", ROWS)
     pairs = write(tmp_path / "pairs.csv", [{"sentence1": f"s{i}", "sentence2": f"t{i}"} for i in range(20)])
-    with caplog.at_level(logging.INFO, logger="spt_embed.data"):
+    with caplog.at_level(logging.INFO, logger="spt_embed.training.data"):
         first = load_training_data([str(triplets), str(pairs)], seed=3)
     assert "Dropping the negative column" in caplog.text
     assert first.column_names == ["anchor", "positive"] and first.num_rows == 23

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-import spt_embed.evaluate as ev
+import spt_embed.evaluation.evaluate as ev
 from spt_embed import SuffixPromptEncoder, export, load, save
-from spt_embed.backbone import load_backbone
-from spt_embed.cli import main
-from spt_embed.encoder import open_encoder, parse_dtype, weights_dtype
-from spt_embed.index import load_index
+from spt_embed.model.backbone import load_backbone
+from spt_embed.cli.main import main
+from spt_embed.model.encoder import open_encoder, parse_dtype, weights_dtype
+from spt_embed.retrieval.index import load_index
 
 from .test_eval import data_root  # noqa: F401  (fixture: tiny local task files)
 

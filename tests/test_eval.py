@@ -14,11 +14,11 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules.input_module import InputModule
 
-import spt_embed.evaluate as ev
-from spt_embed.baselines import BaselineModule, baseline_encoder
-from spt_embed.backbone import load_backbone
-from spt_embed.encoder import SuffixPromptEncoder, save
-from spt_embed.mteb_tasks import LOCAL_TASKS, get_tasks, load_task_data
+import spt_embed.evaluation.evaluate as ev
+from spt_embed.model.baselines import BaselineModule, baseline_encoder
+from spt_embed.model.backbone import load_backbone
+from spt_embed.model.encoder import SuffixPromptEncoder, save
+from spt_embed.evaluation.mteb_tasks import LOCAL_TASKS, get_tasks, load_task_data
 
 mteb = pytest.importorskip("mteb")
 

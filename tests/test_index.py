@@ -11,10 +11,10 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import StaticEmbedding
 
 from spt_embed import SuffixPromptEncoder
-from spt_embed.corpus import CorpusSpec, Shard, iter_documents, read_document_at
-from spt_embed.index import build_index, load_index, model_fingerprint, normalize
-from spt_embed.index_cli import add_index_parsers
-from spt_embed.indexing import ShardMetadata, index_corpus, list_parts, merge_shards
+from spt_embed.retrieval.corpus import CorpusSpec, Shard, iter_documents, read_document_at
+from spt_embed.retrieval.index import build_index, load_index, model_fingerprint, normalize
+from spt_embed.cli.index import add_index_parsers
+from spt_embed.retrieval.indexing import ShardMetadata, index_corpus, list_parts, merge_shards
 
 from .conftest import WORDS, build_tokenizer, make_backbone
 

@@ -9,11 +9,11 @@ from sentence_transformers.sentence_transformer.losses import MultipleNegativesR
 from transformers import TrainerCallback
 
 import spt_embed
-from spt_embed.baselines import BACKBONE_SUBDIR, BASELINE_CONFIG_NAME, baseline_encoder
-from spt_embed.cli import main
-from spt_embed.evaluate import load_model, resolve_model
-from spt_embed.training import latest_checkpoint
-from spt_embed.train_config import Method
+from spt_embed.model.baselines import BACKBONE_SUBDIR, BASELINE_CONFIG_NAME, baseline_encoder
+from spt_embed.cli.main import main
+from spt_embed.evaluation.evaluate import load_model, resolve_model
+from spt_embed.training.train import latest_checkpoint
+from spt_embed.training.train_config import Method
 from tests.conftest import SENTENCES, Kill
 from tests.test_eval import write_toy_data
 from tests.test_train import config, toy_pairs

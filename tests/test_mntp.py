@@ -10,9 +10,9 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from spt_embed.backbone import load_backbone
-from spt_embed.bidirectional import make_bidirectional
-from spt_embed.masking import (
+from spt_embed.model.backbone import load_backbone
+from spt_embed.model.bidirectional import make_bidirectional
+from spt_embed.training.masking import (
     IGNORE,
     MNTPCollator,
     corrupt,
@@ -21,9 +21,9 @@ from spt_embed.masking import (
     shifted_labels,
     tokenize_corpus,
 )
-from spt_embed.mntp import CHECKPOINTS, EVAL_NAME, add_mntp_parser, latest_checkpoint, mntp
-from spt_embed.mntp_config import MNTP_CONFIG_NAME, MNTPConfig
-from spt_embed.module import ForwardPath, SuffixPromptModule
+from spt_embed.training.mntp import CHECKPOINTS, EVAL_NAME, add_mntp_parser, latest_checkpoint, mntp
+from spt_embed.training.mntp_config import MNTP_CONFIG_NAME, MNTPConfig
+from spt_embed.model.module import ForwardPath, SuffixPromptModule
 from tests.conftest import WORDS, Kill, _config, build_tokenizer
 
 MASK = "<unk>"  # the word-level test tokenizer has no '_'

@@ -9,7 +9,7 @@ from sentence_transformers import SentenceTransformer
 
 import spt_embed
 from spt_embed import SuffixPromptEncoder
-from spt_embed.config import CONFIG_NAME, WEIGHTS_NAME
+from spt_embed.model.config import CONFIG_NAME, WEIGHTS_NAME
 
 from .conftest import SENTENCES, make_backbone
 

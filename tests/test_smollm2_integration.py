@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import spt_embed
-from spt_embed import backbone as bb
-from spt_embed.cli import main
+from spt_embed.model import backbone as bb
+from spt_embed.cli.main import main
 
 pytestmark = pytest.mark.integration
 

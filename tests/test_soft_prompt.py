@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from spt_embed.soft_prompt import (
+from spt_embed.model.soft_prompt import (
     pack_texts,
     unpack_states,
     init_soft_prompt,

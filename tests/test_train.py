@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from tests.conftest import Kill
 import spt_embed
-from spt_embed.cli import main
-from spt_embed.training import CHECKPOINTS, latest_checkpoint
-from spt_embed.train_config import TrainConfig
+from spt_embed.cli.main import main
+from spt_embed.training.train import CHECKPOINTS, latest_checkpoint
+from spt_embed.training.train_config import TrainConfig
 
 WORDS = "man woman child dog cat plays runs eats sleeps park house flute guitar piano food red blue green big small"
 

@@ -37,7 +37,7 @@ KINDS = {"pairs": ["anchor", "positive"], "triplets": ["anchor", "positive", "ne
 
 
 def batch_rows(texts: str, batch_size: int):
-    from spt_embed.data import load_pairs
+    from spt_embed.training.data import load_pairs
 
     if texts == "snli":
         return load_pairs("snli-triplets").select(range(batch_size))
@@ -159,7 +159,7 @@ def main() -> None:
 
     if args.texts == "wiki" and "triplets" in args.kinds:
         args.kinds = ["pairs"]  # wiki lines have no hard negatives
-    from spt_embed.module import SuffixPromptModule
+    from spt_embed.model.module import SuffixPromptModule
 
     args.pack_tokens = args.pack_tokens or SuffixPromptModule.DEFAULT_PACK_TOKENS
     suffix = "" if args.texts == "snli" else f"_{args.texts}"

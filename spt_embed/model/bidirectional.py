@@ -33,7 +33,7 @@ def check_supported(config) -> None:
             f"{', '.join(sorted(SUPPORTED))}. To add an architecture, check that its attention honours "
             f"config.is_causal (add it to the parametrised tests in tests/test_bidirectional.py: a later token must "
             f"change an earlier position's hidden state and pad tokens must change nothing), then add its "
-            f"model_type to spt_embed.bidirectional.SUPPORTED."
+            f"model_type to spt_embed.model.bidirectional.SUPPORTED."
         )
 
 
@@ -69,7 +69,7 @@ def verify_bidirectional(model: torch.nn.Module) -> None:
         raise ValueError(
             f"config.is_causal=False had no effect on this {model.config.model_type!r} model: its first position still "
             f"ignores later tokens. This transformers version does not honour the flag for this architecture; "
-            f"remove {model.config.model_type!r} from spt_embed.bidirectional.SUPPORTED or use another "
+            f"remove {model.config.model_type!r} from spt_embed.model.bidirectional.SUPPORTED or use another "
             f"transformers version."
         )
 

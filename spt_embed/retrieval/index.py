@@ -139,7 +139,7 @@ def model_fingerprint(model) -> tuple[str, str]:
     it is applied; any other model by a strided sample of every weight. Both include the module types and the
     model's prompts, which change its embeddings as much as its weights do.
     """
-    from spt_embed.module import SuffixPromptModule
+    from spt_embed.model.module import SuffixPromptModule
 
     digest = hashlib.sha256()
     types = [f"{type(module).__module__}.{type(module).__qualname__}" for module in model]
@@ -182,7 +182,7 @@ class IndexMetadata:
         if not isinstance(self.dimension, int) or self.dimension < 1:
             raise ValueError(f"dimension must be a positive integer, got {self.dimension!r}.")
         if not self.spt_embed_version:
-            from spt_embed import __version__
+            from spt_embed._version import __version__
 
             self.spt_embed_version = __version__
 
@@ -235,7 +235,7 @@ class Index:
         if self._model is None:
             if not self.metadata.model:
                 raise ValueError("This index records no model spec; pass the model: load_index(path, model=...).")
-            from spt_embed.encoder import open_encoder
+            from spt_embed.model.encoder import open_encoder
 
             self.model = open_encoder(self.metadata.model, dtype=self.metadata.dtype)
         return self._model
@@ -299,7 +299,7 @@ class Index:
 
     def document_text(self, doc_id: str) -> str | None:
         """The document's text read back from the recorded corpus file; None if no corpus is recorded or found."""
-        from spt_embed.corpus import CorpusFormat, CorpusSpec, read_document_at
+        from spt_embed.retrieval.corpus import CorpusFormat, CorpusSpec, read_document_at
 
         if self.metadata.corpus is None or self.offsets is None:
             return None
@@ -464,7 +464,7 @@ def build_index(
         if not isinstance(text, str):
             raise TypeError(f"Text {position} is {type(text).__name__}, expected str.")
     check_unique_ids(ids)
-    from spt_embed.encoder import weights_dtype
+    from spt_embed.model.encoder import weights_dtype
 
     fingerprint, backbone = model_fingerprint(model)
     metadata = IndexMetadata(

@@ -11,8 +11,8 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Normalize
 
-from spt_embed.config import CONFIG_NAME, Init, Placement
-from spt_embed.module import SuffixPromptModule
+from spt_embed.model.config import CONFIG_NAME, Init, Placement
+from spt_embed.model.module import SuffixPromptModule
 
 # Module types an adapter folder may name in modules.json; anything else would run foreign code.
 _TRUSTED_PREFIXES = ("spt_embed.", "sentence_transformers.")
@@ -58,7 +58,7 @@ def add_dtype_argument(parser: Any) -> None:
 
 
 # Trained adapters shipped inside the package, loadable by name.
-BUNDLED_ADAPTERS_DIR = Path(__file__).parent / "adapters"
+BUNDLED_ADAPTERS_DIR = Path(__file__).resolve().parents[1] / "adapters"
 
 
 class SuffixPromptEncoder(SentenceTransformer):
@@ -184,7 +184,7 @@ def open_encoder(
         return load(text, device=device, dtype=dtype)
     if (path / "modules.json").is_file():
         # sentence-transformers refuses module classes from outside its library (e.g. a saved LoRA baseline,
-        # spt_embed.baselines.BaselineModule) unless trusted; ours are, anything else stays refused.
+        # spt_embed.model.baselines.BaselineModule) unless trusted; ours are, anything else stays refused.
         try:
             _check_module_types(path)
             trusted = True
@@ -192,7 +192,7 @@ def open_encoder(
             trusted = False
         model = SentenceTransformer(str(path), device=device, local_files_only=True, trust_remote_code=trusted)
         return model if dtype == torch.float32 else model.to(dtype)
-    from spt_embed.backbone import NAMED_BACKBONES
+    from spt_embed.model.backbone import NAMED_BACKBONES
 
     if text in NAMED_BACKBONES:
         raise ValueError(

@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from spt_embed import __version__
-from spt_embed.baselines import Baseline, parse_baseline
-from spt_embed.backbone import NAMED_BACKBONES, file_sha256, resolve_source
-from spt_embed.config import CONFIG_NAME
-from spt_embed.encoder import add_dtype_argument
+from spt_embed._version import __version__
+from spt_embed.model.baselines import Baseline, parse_baseline
+from spt_embed.model.backbone import NAMED_BACKBONES, file_sha256, resolve_source
+from spt_embed.model.config import CONFIG_NAME
+from spt_embed.model.encoder import add_dtype_argument
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def reference_encoder_path(name: str) -> Path:
 
 def resolve_model(spec: str | os.PathLike, baseline: Baseline | str | None = None) -> ResolvedModel:
     """Classify a model spec without loading it; clear errors for anything that is not a model."""
-    from spt_embed.encoder import bundled_adapters, resolve_adapter_path
+    from spt_embed.model.encoder import bundled_adapters, resolve_adapter_path
 
     text = str(spec)
     if baseline is not None:
@@ -159,10 +159,10 @@ def model_identity(
 
 def load_model(resolved: ResolvedModel, *, device: str | None = None, dtype: str = "float32"):
     """The SentenceTransformer behind a resolved spec, its weights in `dtype`."""
-    from spt_embed.encoder import open_encoder, parse_dtype
+    from spt_embed.model.encoder import open_encoder, parse_dtype
 
     if resolved.kind == "baseline":
-        from spt_embed.baselines import baseline_encoder
+        from spt_embed.model.baselines import baseline_encoder
 
         return baseline_encoder(resolved.location, resolved.baseline, device=device, dtype=parse_dtype(dtype))
     return open_encoder(resolved.location, device=device, dtype=dtype)
@@ -278,8 +278,8 @@ def evaluate(
     """
     import mteb
 
-    from spt_embed.encoder import dtype_name, parse_dtype
-    from spt_embed.mteb_tasks import get_tasks, load_task_data
+    from spt_embed.model.encoder import dtype_name, parse_dtype
+    from spt_embed.evaluation.mteb_tasks import get_tasks, load_task_data
 
     dtype = dtype_name(parse_dtype(dtype))
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -339,7 +339,7 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Command line (wired into spt_embed.cli)
+# Command line (wired into spt_embed.cli.main)
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:

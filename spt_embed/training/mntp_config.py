@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from spt_embed.config import _enum_value
-from spt_embed.train_config import RecipeConfig, Scheduler
+from spt_embed.model.config import _enum_value
+from spt_embed.training.train_config import RecipeConfig, Scheduler
 
 MNTP_CONFIG_NAME = "mntp_config.json"
 WIKI1M = "wiki1m"  # the bundled corpus, see data/SOURCES.md

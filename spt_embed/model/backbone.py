@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from spt_embed.config import CONFIG_NAME, BackboneRef
+from spt_embed.model.config import CONFIG_NAME, BackboneRef
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def load_backbone(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"Could not load a backbone from {model_dir}: {exc}") from exc
     if getattr(model.config, "is_causal", True) is False:
-        from spt_embed.bidirectional import make_bidirectional
+        from spt_embed.model.bidirectional import make_bidirectional
 
         # config.json asks for bidirectional attention (e.g. `spt-embed mntp` output): check that this
         # architecture honours the flag rather than silently running causally.

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from spt_embed.config import Init, Placement, _enum_value
+from spt_embed.model.config import Init, Placement, _enum_value
 
 TRAIN_CONFIG_NAME = "train_config.json"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -39,7 +39,7 @@ class RecipeConfig:
         return data
 
     def save(self, directory: str | Path, **extra: Any) -> None:
-        from spt_embed import __version__
+        from spt_embed._version import __version__
 
         payload = {**self.to_dict(), **extra, "spt_embed_version": __version__}
         (Path(directory) / self.file_name).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

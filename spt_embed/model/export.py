@@ -19,9 +19,9 @@ from sentence_transformers.base.modules import Normalize, Transformer
 from sentence_transformers.sentence_transformer.modules import Pooling
 from tokenizers.processors import TemplateProcessing
 
-from spt_embed.config import Placement
-from spt_embed.encoder import load
-from spt_embed.module import SuffixPromptModule
+from spt_embed.model.config import Placement
+from spt_embed.model.encoder import load
+from spt_embed.model.module import SuffixPromptModule
 
 logger = logging.getLogger(__name__)
 

@@ -83,7 +83,7 @@ class SuffixPromptConfig:
                 f"use max_length > num_tokens."
             )
         if not self.spt_embed_version:
-            from spt_embed import __version__
+            from spt_embed._version import __version__
 
             self.spt_embed_version = __version__
 

@@ -1,5 +1,5 @@
 """`spt-embed mntp`: the bidirectional stage (LLM2Vec): causal attention off, LoRA trained with masked next-token
-prediction (MNTP, see spt_embed.masking), LoRA merged, backbone saved for `spt-embed train --backbone OUT`.
+prediction (MNTP, see spt_embed.training.masking), LoRA merged, backbone saved for `spt-embed train --backbone OUT`.
 
 Choices a user should know about:
 - The corpus is a plain-text file (one text per line) or jsonl; blank lines are dropped. Texts longer than
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
-from spt_embed.masking import IGNORE, MNTPCollator, resolve_mask_token_id, tokenize_corpus
-from spt_embed.mntp_config import MNTP_CONFIG_NAME, WIKI1M, MNTPConfig
+from spt_embed.training.masking import IGNORE, MNTPCollator, resolve_mask_token_id, tokenize_corpus
+from spt_embed.training.mntp_config import MNTP_CONFIG_NAME, WIKI1M, MNTPConfig
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ WIKI1M_FILE = "wiki1m_prefix/wiki1m_for_simcse.first11914lines.txt"
 
 def load_corpus(corpus: str | os.PathLike, *, text_field: str = "text") -> list[str]:
     """Non-empty texts of a plain-text or jsonl file ('wiki1m': the bundled sample); blank lines are dropped."""
-    from spt_embed.data import data_root
-    from spt_embed.texts import read_texts
+    from spt_embed.training.data import data_root
+    from spt_embed.cli.texts import read_texts
 
     path = data_root() / WIKI1M_FILE if str(corpus) == WIKI1M else Path(corpus).expanduser()
     texts = [text for text in read_texts(path, text_field=text_field) if text.strip()]
@@ -111,8 +111,8 @@ def load_causal_lm(spec: str):
     fingerprint (equal to load_backbone(spec).ref.fingerprint)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from spt_embed.backbone import fingerprint, gguf_cache_path, resolve_source
-    from spt_embed.bidirectional import check_supported, make_bidirectional
+    from spt_embed.model.backbone import fingerprint, gguf_cache_path, resolve_source
+    from spt_embed.model.bidirectional import check_supported, make_bidirectional
 
     kind, path = resolve_source(spec)
     model_dir = gguf_cache_path(path) if kind == "gguf" else path
@@ -189,12 +189,12 @@ def mntp(
 ) -> Path:
     """Train LoRA with bidirectional MNTP, merge it and save the backbone to config.output; returns that folder.
 
-    `spt_embed.mntp.mntp(output="out/bi", corpus="texts.txt", max_steps=300)` takes the same options as the CLI.
+    `spt_embed.training.mntp.mntp(output="out/bi", corpus="texts.txt", max_steps=300)` takes the same options as the CLI.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments, set_seed
 
-    from spt_embed.training import JsonlLogCallback, is_main_process
+    from spt_embed.training.train import JsonlLogCallback, is_main_process
 
     config = dataclasses.replace(config, **options) if config is not None else MNTPConfig(**options)
     if not config.output:
@@ -317,7 +317,7 @@ def mntp(
 
 
 def _fingerprint(model) -> str:
-    from spt_embed.backbone import fingerprint
+    from spt_embed.model.backbone import fingerprint
 
     return fingerprint(model.get_decoder())
 
@@ -336,7 +336,7 @@ def _save_backbone(model, tokenizer, output: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Command line (wired into spt_embed.cli)
+# Command line (wired into spt_embed.cli.main)
 
 
 def add_mntp_parser(subparsers) -> argparse.ArgumentParser:

@@ -15,10 +15,10 @@ _MODEL_HELP = "adapter folder, bundled adapter name or SentenceTransformer folde
 
 def add_index_parsers(subparsers) -> None:
     """Add the three subcommands to the `spt-embed` subparsers; each sets `func` to its run function."""
-    from spt_embed.corpus import CorpusFormat
-    from spt_embed.index import IndexType
-    from spt_embed.encoder import add_dtype_argument
-    from spt_embed.indexing import DEFAULT_BLOCK_SIZE, OnDuplicate
+    from spt_embed.retrieval.corpus import CorpusFormat
+    from spt_embed.retrieval.index import IndexType
+    from spt_embed.model.encoder import add_dtype_argument
+    from spt_embed.retrieval.indexing import DEFAULT_BLOCK_SIZE, OnDuplicate
 
     presets = ", ".join(t.value for t in IndexType)
     duplicates = [p.value for p in OnDuplicate]
@@ -82,7 +82,7 @@ def add_index_parsers(subparsers) -> None:
 
 
 def run_index(args: argparse.Namespace) -> None:
-    from spt_embed.indexing import index_corpus
+    from spt_embed.retrieval.indexing import index_corpus
 
     output = index_corpus(
         args.model,
@@ -104,19 +104,19 @@ def run_index(args: argparse.Namespace) -> None:
         dtype=args.dtype,
     )
     if args.shard is not None:
-        from spt_embed.indexing import ShardMetadata
+        from spt_embed.retrieval.indexing import ShardMetadata
 
         meta = ShardMetadata.load(output)
         print(f"shard {meta.shard}: {meta.count} documents in {output}; merge all shards with `spt-embed index-merge`")
     else:
-        from spt_embed.index import read_metadata
+        from spt_embed.retrieval.index import read_metadata
 
         meta = read_metadata(output)
         print(f"wrote {output}: {meta.count} documents, {meta.factory}, dimension {meta.dimension}")
 
 
 def run_index_merge(args: argparse.Namespace) -> None:
-    from spt_embed.indexing import merge_shards
+    from spt_embed.retrieval.indexing import merge_shards
 
     index = merge_shards(args.shards, args.output, index_type=args.index_type, on_duplicate=args.on_duplicate,
                          overwrite=args.overwrite)
@@ -124,13 +124,13 @@ def run_index_merge(args: argparse.Namespace) -> None:
 
 
 def run_search(args: argparse.Namespace) -> None:
-    from spt_embed.index import load_index
+    from spt_embed.retrieval.index import load_index
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}.")
     index = load_index(args.index)
     if args.model is not None:
-        from spt_embed.encoder import open_encoder
+        from spt_embed.model.encoder import open_encoder
 
         index.model = open_encoder(args.model, dtype=index.metadata.dtype)  # checked against the index's fingerprint and dimension
     if args.corpus is not None:
@@ -155,7 +155,7 @@ def run_search(args: argparse.Namespace) -> None:
 def _queries(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     if args.query is not None:
         return [str(i) for i in range(1, len(args.query) + 1)], list(args.query)
-    from spt_embed.corpus import CorpusSpec, iter_documents
+    from spt_embed.retrieval.corpus import CorpusSpec, iter_documents
 
     documents = list(iter_documents(CorpusSpec(args.queries, title_field=None)))
     empty = [d.line for d in documents if not d.text]

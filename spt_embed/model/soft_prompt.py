@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from spt_embed.config import Init, Placement
+from spt_embed.model.config import Init, Placement
 
 
 def init_soft_prompt(

@@ -15,8 +15,8 @@ logger = logging.getLogger("spt_embed")
 def _cmd_encode(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from spt_embed.encoder import open_encoder
-    from spt_embed.texts import read_texts
+    from spt_embed.model.encoder import open_encoder
+    from spt_embed.cli.texts import read_texts
 
     output = Path(args.output)
     if output.suffix != ".npy":
@@ -36,7 +36,7 @@ def _cmd_encode(args: argparse.Namespace) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
-    from spt_embed.encoder import load
+    from spt_embed.model.encoder import load
 
     model = load(args.model)
     module = model.prompt_module
@@ -64,7 +64,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from spt_embed.export import export
+    from spt_embed.model.export import export
 
     out = export(args.model, args.output, overwrite=args.overwrite)
     print(f"exported {args.model} to {out}: load it with SentenceTransformer({str(out)!r})")
@@ -73,8 +73,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> None:
     from dataclasses import fields
 
-    from spt_embed.training import train
-    from spt_embed.train_config import TrainConfig
+    from spt_embed.training.train import train
+    from spt_embed.training.train_config import TrainConfig
 
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     config = TrainConfig.from_sources(args.config, **overrides)
@@ -85,8 +85,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; unset flags (None) leave the YAML recipe or the default in place."""
     from dataclasses import MISSING, fields
 
-    from spt_embed.data import PRESETS
-    from spt_embed.train_config import TrainConfig
+    from spt_embed.training.data import PRESETS
+    from spt_embed.training.train_config import TrainConfig
 
     parser.add_argument("--config", help="YAML recipe; flags given on the command line override its values")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spt-embed", description="Suffix prompt tuning: a frozen decoder LLM as a text encoder."
     )
-    from spt_embed.encoder import add_dtype_argument
+    from spt_embed.model.encoder import add_dtype_argument
 
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(tr)
     tr.set_defaults(func=_cmd_train)
 
-    from spt_embed.mntp import add_mntp_parser
+    from spt_embed.training.mntp import add_mntp_parser
 
     add_mntp_parser(sub)
 
@@ -149,11 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     exp.set_defaults(func=_cmd_export)
 
-    from spt_embed.evaluate import add_eval_parser
+    from spt_embed.evaluation.evaluate import add_eval_parser
 
     add_eval_parser(sub)
 
-    from spt_embed.index_cli import add_index_parsers
+    from spt_embed.cli.index import add_index_parsers
 
     add_index_parsers(sub)
     return parser

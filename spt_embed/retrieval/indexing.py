@@ -1,7 +1,7 @@
 """Corpus file to index folder: streamed, sharded, resumable encoding, then a merge into one FAISS index.
 
 A shard job (``index_corpus(..., shard="i/N")``, CLI ``--shard i/N``) encodes the records r with r % N == i
-(records numbered 0, 1, ... in file order, see spt_embed.corpus) into a shard folder::
+(records numbered 0, 1, ... in file order, see spt_embed.retrieval.corpus) into a shard folder::
 
     shard.json          ShardMetadata: model fingerprint, corpus, shard, block size, complete or not
     parts/000000.npz    one finished block: embeddings (float32, unit length), ids, records, offsets
@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from spt_embed.corpus import CorpusSpec, Document, Shard, count_records, iter_documents
-from spt_embed.encoder import weights_dtype
-from spt_embed.index import Index, IndexMetadata, IndexType, META_FILE, model_fingerprint, new_faiss_index, normalize
+from spt_embed.retrieval.corpus import CorpusSpec, Document, Shard, count_records, iter_documents
+from spt_embed.model.encoder import weights_dtype
+from spt_embed.retrieval.index import Index, IndexMetadata, IndexType, META_FILE, model_fingerprint, new_faiss_index, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class ShardMetadata:
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}.")
         if not self.spt_embed_version:
-            from spt_embed import __version__
+            from spt_embed._version import __version__
 
             self.spt_embed_version = __version__
 
@@ -411,7 +411,7 @@ def _sample(parts: list[Path], masks: list[np.ndarray], sizes: list[int], n: int
 
 def _model_spec(model: str | os.PathLike) -> str:
     """A bundled adapter name as it is; a path made absolute so that the index can reopen it from anywhere."""
-    from spt_embed.encoder import bundled_adapters
+    from spt_embed.model.encoder import bundled_adapters
 
     text = os.fspath(model)
     return text if text in bundled_adapters() or not Path(text).expanduser().exists() else str(
@@ -449,7 +449,7 @@ def index_corpus(
     weights' dtype a model spec is opened in (recorded; search encodes queries in it).
     """
     if isinstance(model, (str, os.PathLike)):
-        from spt_embed.encoder import open_encoder
+        from spt_embed.model.encoder import open_encoder
 
         model_spec = _model_spec(model) if model_spec is None else model_spec
         model = open_encoder(model_spec, dtype=dtype)

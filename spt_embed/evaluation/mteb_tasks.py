@@ -48,7 +48,7 @@ from typing import Any
 import mteb
 from datasets import Dataset
 
-from spt_embed.data import _data_file, _read_stsb, _tsv_rows
+from spt_embed.training.data import _data_file, _read_stsb, _tsv_rows
 
 logger = logging.getLogger(__name__)
 

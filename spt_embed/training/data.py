@@ -58,7 +58,7 @@ _COLUMN_HINT = (
 def data_root() -> Path:
     """The bundled data folder: $SPT_EMBED_DATA if set, else the repository's ``data/``."""
     env = os.environ.get(DATA_ENV)
-    root = Path(env).expanduser() if env else Path(__file__).resolve().parents[1] / "data"
+    root = Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "data"
     if not root.is_dir():
         origin = f"from ${DATA_ENV}" if env else "the repository's data/ folder"
         raise FileNotFoundError(

@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from spt_embed.train_config import TRAIN_CONFIG_NAME, Method, TrainConfig
+from spt_embed.training.train_config import TRAIN_CONFIG_NAME, Method, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ def is_main_process() -> bool:
 
 def checkpoint_weights(method: Method) -> str:
     """The trained weights' file inside a checkpoint, relative to it."""
-    from spt_embed.baselines import LORA_WEIGHTS
-    from spt_embed.config import WEIGHTS_NAME
+    from spt_embed.model.baselines import LORA_WEIGHTS
+    from spt_embed.model.config import WEIGHTS_NAME
 
     return LORA_WEIGHTS if method is Method.LORA else WEIGHTS_NAME
 
@@ -119,7 +119,7 @@ def build_loss(model, config: TrainConfig):
 def build_dev_evaluator(config: TrainConfig):
     from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
 
-    from spt_embed.data import load_sts
+    from spt_embed.training.data import load_sts
 
     s1, s2, scores = load_sts("dev")
     if config.eval_pairs and config.eval_pairs < len(s1):
@@ -135,7 +135,7 @@ DEV_METRIC = "eval_stsb-dev_spearman_cosine"
 def load_datasets(config: TrainConfig):
     """One dataset per source; several sources stay apart so every batch comes from one source (in-batch negatives
     stay within a source and triplet sources keep their hard negatives), sampled in proportion to size."""
-    from spt_embed.data import load_pairs
+    from spt_embed.training.data import load_pairs
 
     datasets = {}
     for source in config.data:
@@ -164,7 +164,7 @@ def build_model(config: TrainConfig):
     """The encoder to train: soft tokens on the frozen backbone (spt), or PromptEOL with LoRA on it (lora)."""
     device = "cpu" if not _cuda() else None
     if config.method is Method.LORA:
-        from spt_embed.baselines import lora_baseline_encoder
+        from spt_embed.model.baselines import lora_baseline_encoder
 
         return lora_baseline_encoder(
             config.backbone,
@@ -176,7 +176,7 @@ def build_model(config: TrainConfig):
             seed=config.seed,
             device=device,
         )
-    from spt_embed.encoder import SuffixPromptEncoder
+    from spt_embed.model.encoder import SuffixPromptEncoder
 
     return SuffixPromptEncoder.from_backbone(
         config.backbone,

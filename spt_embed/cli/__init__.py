@@ -1,0 +1,1 @@
+"""The `spt-embed` command line: thin wiring of library functions."""

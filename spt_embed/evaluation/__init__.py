@@ -1,0 +1,1 @@
+"""Evaluation through mteb's own evaluators on local copies of MTEB tasks."""

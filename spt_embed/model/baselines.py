@@ -1,0 +1,255 @@
+"""Baselines of a backbone as SentenceTransformers: zero-shot mean pooling, last token, PromptEOL, and the LoRA
+baseline (PromptEOL with LoRA trained contrastively on the backbone).
+
+Zero-shot: the frozen decoder reads each text (optionally wrapped in a template) and one vector is pooled from
+its last hidden layer. PromptEOL (Jiang et al. 2023) wraps the text as ``This sentence : "{text}" means in one
+word:"`` and takes the last token, the position that would predict the one-word summary.
+
+A saved baseline folder holds ``baseline_config.json`` and, depending on the weights: nothing else (zero-shot: the
+backbone is named and fingerprinted), ``lora/`` (a peft adapter on the named backbone, as in training
+checkpoints), or ``backbone/`` (a fine-tuned decoder, e.g. after `merge_lora`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules import Normalize
+from sentence_transformers.base.modules.input_module import InputModule
+
+from spt_embed.model.backbone import NAMED_BACKBONES, Backbone, fingerprint, freeze, load_backbone
+from spt_embed.model.config import BackboneRef
+from spt_embed.model.soft_prompt import last_token_pool, left_pad_position_ids
+
+PROMPTEOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'
+BASELINE_CONFIG_NAME = "baseline_config.json"
+LORA_SUBDIR = "lora"  # a peft adapter folder (adapter_config.json + adapter_model.safetensors)
+LORA_WEIGHTS = f"{LORA_SUBDIR}/adapter_model.safetensors"
+BACKBONE_SUBDIR = "backbone"  # a fine-tuned decoder + tokenizer (save_pretrained)
+
+
+class Baseline(str, enum.Enum):
+    MEAN = "mean"  # average of the last hidden states over the text's tokens
+    LAST = "last"  # last hidden state of the last token
+    PROMPTEOL = "prompteol"  # last token of the PromptEOL template
+
+    @property
+    def template(self) -> str:
+        return PROMPTEOL_TEMPLATE if self is Baseline.PROMPTEOL else "{text}"
+
+    @property
+    def pooling(self) -> str:
+        return "mean" if self is Baseline.MEAN else "last"
+
+
+def parse_baseline(value: Baseline | str) -> Baseline:
+    try:
+        return Baseline(value)
+    except ValueError:
+        allowed = ", ".join(b.value for b in Baseline)
+        raise ValueError(f"Unknown baseline {value!r}; choose one of {allowed}.") from None
+
+
+class BaselineModule(InputModule):
+    """Backbone + a text template + mean or last-token pooling; left padding with real-token positions.
+
+    The backbone is frozen unless LoRA is attached (`add_lora`); `merge_lora` folds it into the weights."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        baseline: Baseline | str,
+        *,
+        max_length: int = 512,
+        trained_from: BackboneRef | None = None,
+    ):
+        super().__init__()
+        self.baseline = parse_baseline(baseline)
+        self.backbone = backbone.model
+        self.tokenizer = backbone.tokenizer
+        self.backbone_ref = backbone.ref
+        # The backbone this one was fine-tuned from; None while the weights are the source's own.
+        self.trained_from = trained_from
+        self.max_seq_length = max_length
+        prefix, suffix = self.baseline.template.split("{text}", 1)
+        self._prefix, self._suffix = prefix, suffix
+        # Tokens kept from the end when a text is cut: the template's tail and any special tokens the tokenizer
+        # appends, so a long document still ends in `means in one word:"` (the position that is pooled).
+        self._tail = len(self.tokenizer(suffix, add_special_tokens=False)["input_ids"]) + self._appended_specials()
+
+    def _appended_specials(self) -> int:
+        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return len(full) - start - len(plain)
+        return 0
+
+    def get_embedding_dimension(self) -> int:
+        return self.backbone.config.hidden_size
+
+    def preprocess(self, inputs: Sequence[str], prompt: str | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Templated texts (a prompt goes inside the template, before the text), cut to max_seq_length keeping
+        the template's tail, left-padded."""
+        texts = []
+        for index, item in enumerate(inputs):
+            if not isinstance(item, str):
+                raise TypeError(f"Input {index} is {type(item).__name__}, expected str: {item!r:.80}")
+            texts.append(self._prefix + (prompt or "") + item + self._suffix)
+        ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        limit = self.max_seq_length
+        ids = [row if len(row) <= limit else row[: limit - self._tail] + row[len(row) - self._tail :] for row in ids]
+        # A row needs one token to pool from: an empty text with no template and no special tokens gets a pad.
+        ids = [row or [self.tokenizer.pad_token_id] for row in ids]
+        width = max(len(row) for row in ids)
+        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, tokens in enumerate(ids):
+            input_ids[row, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+            attention_mask[row, width - len(tokens) :] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
+        mask = features["attention_mask"]  # (B, L)
+        positions = left_pad_position_ids(mask)  # a left-padded row gets the positions it would have alone
+        out = self.backbone(
+            input_ids=features["input_ids"], attention_mask=mask, position_ids=positions, use_cache=False
+        )
+        hidden = out.last_hidden_state  # (B, L, H)
+        if self.baseline.pooling == "mean":
+            weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        else:
+            pooled = last_token_pool(hidden)  # left padding: index -1 is a real token in every row
+        features["sentence_embedding"] = pooled.float()  # (B, H)
+        return features
+
+    @property
+    def has_lora(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.backbone, PeftModel)
+
+    def add_lora(self, lora_config) -> None:
+        """Wrap the backbone in peft LoRA layers (a `peft.LoraConfig`); only they train, the base stays frozen."""
+        from peft import get_peft_model
+
+        if self.has_lora:
+            raise ValueError("This baseline already carries LoRA; merge it first (merge_lora) to stack another.")
+        try:
+            self.backbone = get_peft_model(self.backbone, lora_config)
+        except ValueError as exc:
+            targets = sorted(lora_config.target_modules or [])
+            raise ValueError(f"LoRA could not be attached ({exc}); check lora_targets {targets}.") from None
+
+    def merge_lora(self) -> None:
+        """Fold LoRA into the backbone weights: a plain decoder again, saved in full (backbone/) from now on."""
+        if not self.has_lora:
+            raise ValueError("This baseline carries no LoRA to merge; attach and train one with add_lora first.")
+        self.backbone = freeze(self.backbone.merge_and_unload())
+        self.trained_from = self.trained_from or self.backbone_ref
+
+    def save(self, output_path: str, *args: Any, **kwargs: Any) -> None:
+        """baseline_config.json, plus the LoRA adapter (lora/) or a fine-tuned backbone (backbone/) if any; an
+        unchanged backbone is only named and fingerprinted."""
+        from spt_embed._version import __version__
+
+        out = Path(output_path)
+        out.mkdir(parents=True, exist_ok=True)
+        ref = self.backbone_ref
+        if self.has_lora:
+            self.backbone.save_pretrained(out / LORA_SUBDIR)  # the adapter only; the base is `ref`
+        elif self.trained_from is not None:
+            self.backbone.save_pretrained(out / BACKBONE_SUBDIR)
+            self.tokenizer.save_pretrained(out / BACKBONE_SUBDIR)
+            ref = dataclasses.replace(ref, source=BACKBONE_SUBDIR, fingerprint=fingerprint(self.backbone))
+        payload = {
+            "baseline": self.baseline.value,
+            "max_length": self.max_seq_length,
+            "backbone": dataclasses.asdict(ref),
+            "trained_from": dataclasses.asdict(self.trained_from) if self.trained_from else None,
+            "spt_embed_version": __version__,
+        }
+        (out / BASELINE_CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(
+        cls, model_name_or_path: str, subfolder: str = "", model_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> BaselineModule:
+        """Load a folder written by `save`; the backbone must match its recorded fingerprint. `model_kwargs` may
+        carry `dtype`."""
+        folder = Path(model_name_or_path) / subfolder
+        config_path = folder / BASELINE_CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{folder} is not a saved baseline: it has no {BASELINE_CONFIG_NAME}.")
+        try:
+            saved = json.loads(config_path.read_text(encoding="utf-8"))
+            ref = BackboneRef(**saved["backbone"])
+            trained_from = BackboneRef(**saved["trained_from"]) if saved.get("trained_from") else None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{config_path} is corrupted ({exc!r}).") from None
+        source: str | Path = ref.source
+        if source not in NAMED_BACKBONES and not Path(source).is_absolute():
+            source = folder / source  # a fine-tuned backbone saved inside the folder
+        backbone = load_backbone(source, dtype=(model_kwargs or {}).get("dtype", torch.float32))
+        if backbone.ref.fingerprint != ref.fingerprint:
+            raise ValueError(
+                f"{folder} was saved on a backbone with fingerprint {ref.fingerprint}, but {source} now has "
+                f"{backbone.ref.fingerprint}: the backbone's weights changed. Restore that backbone or retrain."
+            )
+        module = cls(backbone, saved["baseline"], max_length=saved["max_length"], trained_from=trained_from)
+        if (folder / LORA_SUBDIR).is_dir():
+            from peft import PeftModel
+
+            module.backbone = PeftModel.from_pretrained(module.backbone, str(folder / LORA_SUBDIR))
+        return module
+
+
+def baseline_encoder(
+    backbone: str | os.PathLike | Backbone,
+    baseline: Baseline | str,
+    *,
+    max_length: int = 512,
+    normalize: bool = True,
+    dtype: torch.dtype = torch.float32,
+    device: str | None = None,
+) -> SentenceTransformer:
+    """A SentenceTransformer for a zero-shot baseline of `backbone` (registered name, model directory or GGUF)."""
+    baseline = parse_baseline(baseline)
+    if not isinstance(backbone, Backbone):
+        backbone = load_backbone(backbone, dtype=dtype)
+    module = BaselineModule(backbone, baseline, max_length=max_length)
+    modules: list[torch.nn.Module] = [module, Normalize()] if normalize else [module]
+    return SentenceTransformer(modules=modules, device=device)
+
+
+def lora_baseline_encoder(
+    backbone: str | os.PathLike | Backbone,
+    *,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.05,
+    targets: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+    baseline: Baseline | str = Baseline.PROMPTEOL,
+    max_length: int = 512,
+    seed: int = 0,
+    device: str | None = None,
+) -> SentenceTransformer:
+    """The PromptEOL baseline with fresh LoRA layers on its backbone, ready for contrastive training (the LLM2Vec /
+    PromptEOL way); after training call `model[0].merge_lora()` and `model.save(path)`."""
+    from peft import LoraConfig
+
+    model = baseline_encoder(backbone, baseline, max_length=max_length, device=device)
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # LoRA's A matrices start random
+        model[0].add_lora(lora)
+    return model

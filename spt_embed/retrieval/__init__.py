@@ -1,0 +1,1 @@
+"""Corpora, FAISS indexes and sharded, resumable indexing."""
