@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from spt_embed.recipe import parse_enum
+
 CONFIG_NAME = "spt_config.json"
 WEIGHTS_NAME = "soft_prompt.safetensors"
 WEIGHTS_KEY = "soft_prompt"
@@ -26,14 +28,6 @@ class Placement(str, enum.Enum):
 
     SUFFIX = "suffix"  # after the text: the default and the paper's choice
     PREFIX = "prefix"  # before the text (Lester et al. 2021), for ablations
-
-
-def _enum_value(enum_cls: type[enum.Enum], value: Any, name: str) -> enum.Enum:
-    try:
-        return enum_cls(value.value if isinstance(value, enum.Enum) else value)
-    except ValueError:
-        allowed = ", ".join(repr(m.value) for m in enum_cls)
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {allowed}.") from None
 
 
 @dataclass
@@ -73,8 +67,8 @@ class SuffixPromptConfig:
             self.backbone = BackboneRef(**self.backbone)
         if not isinstance(self.num_tokens, int) or isinstance(self.num_tokens, bool) or self.num_tokens < 1:
             raise ValueError(f"num_tokens must be an integer >= 1, got {self.num_tokens!r}.")
-        self.init = _enum_value(Init, self.init, "init")
-        self.placement = _enum_value(Placement, self.placement, "placement")
+        self.init = parse_enum(Init, self.init, "init")
+        self.placement = parse_enum(Placement, self.placement, "placement")
         if self.init is Init.TEXT and not self.init_text.strip():
             raise ValueError("init='text' needs a non-empty init_text; pass init_text='...' or use init='vocab'.")
         if self.max_length <= self.num_tokens:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from spt_embed.model.config import _enum_value
-from spt_embed.training.train_config import RecipeConfig, Scheduler
+from spt_embed.recipe import parse_enum
+from spt_embed.recipe import RecipeConfig, Scheduler
 
 MNTP_CONFIG_NAME = "mntp_config.json"
 WIKI1M = "wiki1m"  # the bundled corpus, see data/SOURCES.md
@@ -64,7 +64,7 @@ class MNTPConfig(RecipeConfig):
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, str):
             self.lora_targets = [self.lora_targets]
-        self.scheduler = _enum_value(Scheduler, self.scheduler, "scheduler")
+        self.scheduler = parse_enum(Scheduler, self.scheduler, "scheduler")
         for name in ("batch_size", "max_steps", "lora_r", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import enum
-import json
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-from spt_embed.model.config import Init, Placement, _enum_value
+from spt_embed.model.config import Init, Placement
+from spt_embed.recipe import RecipeConfig, Scheduler, parse_enum
 
 TRAIN_CONFIG_NAME = "train_config.json"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -17,45 +16,6 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 class Method(str, enum.Enum):
     SPT = "spt"  # suffix prompt tuning: K soft tokens on the frozen backbone
     LORA = "lora"  # the LoRA baseline: PromptEOL template, last token, LoRA on the backbone, merged at the end
-
-
-class Scheduler(str, enum.Enum):
-    LINEAR = "linear"
-    COSINE = "cosine"
-    CONSTANT = "constant_with_warmup"
-
-
-class RecipeConfig:
-    """What a run's config dataclass shares: YAML recipe + overrides in, resolved JSON out (the version recorded)."""
-
-    file_name: ClassVar[str]  # the JSON written into the output folder
-    option_kind: ClassVar[str]  # for errors: "Unknown <kind> option(s)"
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key, value in data.items():
-            if isinstance(value, enum.Enum):
-                data[key] = value.value
-        return data
-
-    def save(self, directory: str | Path, **extra: Any) -> None:
-        from spt_embed._version import __version__
-
-        payload = {**self.to_dict(), **extra, "spt_embed_version": __version__}
-        (Path(directory) / self.file_name).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-
-    @classmethod
-    def from_sources(cls, yaml_path: str | None = None, **overrides: Any):
-        """A YAML recipe (if any) with explicit overrides on top; unknown keys are errors."""
-        values: dict[str, Any] = {}
-        if yaml_path:
-            values.update(_read_yaml(Path(yaml_path)))
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown {cls.option_kind} option(s) {unknown}; known: {sorted(known)}.")
-        return cls(**values)
 
 
 @dataclass
@@ -117,10 +77,10 @@ class TrainConfig(RecipeConfig):
             self.data = [self.data]
         if isinstance(self.lora_targets, str):
             self.lora_targets = [self.lora_targets]
-        self.method = _enum_value(Method, self.method, "method")
-        self.init = _enum_value(Init, self.init, "init")
-        self.placement = _enum_value(Placement, self.placement, "placement")
-        self.scheduler = _enum_value(Scheduler, self.scheduler, "scheduler")
+        self.method = parse_enum(Method, self.method, "method")
+        self.init = parse_enum(Init, self.init, "init")
+        self.placement = parse_enum(Placement, self.placement, "placement")
+        self.scheduler = parse_enum(Scheduler, self.scheduler, "scheduler")
         positive = {"num_tokens", "batch_size", "max_steps", "max_length", "logging_steps", "mini_batch_size", "lora_r"}
         for name in positive:
             if getattr(self, name) < 1:
@@ -139,17 +99,3 @@ class TrainConfig(RecipeConfig):
             raise ValueError(f"lora_targets is empty; name the modules that get LoRA, e.g. {LORA_TARGETS}.")
         if not self.data:
             raise ValueError("No training data: pass --data with a preset name or a file.")
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    import yaml
-
-    if not path.is_file():
-        raise FileNotFoundError(f"Training config {path} does not exist.")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of option: value, got {type(values).__name__}.")
-    return values
