@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import spt_embed
-from spt_embed.training.data import data_root, load_sts
+from spt_embed.datafiles import data_root, load_sts
 
 
 def scifact_docs(limit: int) -> list[str]:

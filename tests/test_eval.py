@@ -15,10 +15,11 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules.input_module import InputModule
 
 import spt_embed.evaluation.evaluate as ev
-from spt_embed.model.baselines import BaselineModule, baseline_encoder
-from spt_embed.model.backbone import load_backbone
-from spt_embed.model.encoder import SuffixPromptEncoder, save
+from spt_embed.cli.eval_commands import add_eval_parser
 from spt_embed.evaluation.mteb_tasks import LOCAL_TASKS, get_tasks, load_task_data
+from spt_embed.model.backbone import load_backbone
+from spt_embed.model.baselines import BaselineModule, baseline_encoder
+from spt_embed.model.encoder import SuffixPromptEncoder, save
 
 mteb = pytest.importorskip("mteb")
 
@@ -310,7 +311,7 @@ def test_eval_cli(data_root, llama, tmp_path, capsys):
     import argparse
 
     parser = argparse.ArgumentParser()
-    ev.add_eval_parser(parser.add_subparsers())
+    add_eval_parser(parser.add_subparsers())
     argv = ["eval", "--model", str(llama), "--baseline", "last", "--tasks", "STSBenchmark"]
     args = parser.parse_args([*argv, "--output", str(tmp_path / "o")])
     args.func(args)

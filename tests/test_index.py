@@ -4,6 +4,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -11,9 +12,9 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import StaticEmbedding
 
 from spt_embed import SuffixPromptEncoder
+from spt_embed.cli.index_commands import add_index_parsers
 from spt_embed.retrieval.corpus import CorpusSpec, Shard, iter_documents, read_document_at
 from spt_embed.retrieval.index import build_index, load_index, model_fingerprint, normalize
-from spt_embed.cli.index import add_index_parsers
 from spt_embed.retrieval.indexing import ShardMetadata, index_corpus, list_parts, merge_shards
 
 from .conftest import WORDS, build_tokenizer, make_backbone
@@ -223,6 +224,19 @@ def test_killed_job_resumes_without_reencoding(model, corpus, tmp_path, monkeypa
         assert not parts.exists()
         index = load_index(output, model=model)
     assert results(index) == results(build_index(model, TEXTS, IDS))
+
+
+def test_shard_and_index_files_are_whole_and_readable_by_others(model, corpus, tmp_path):
+    old_umask = os.umask(0o022)
+    try:
+        index_corpus(model, corpus, tmp_path / "shard", shard="0/1", block_size=10)
+        merge_shards([tmp_path / "shard"], tmp_path / "idx")
+    finally:
+        os.umask(old_umask)
+    written = [p for folder in ("shard", "idx") for p in (tmp_path / folder).rglob("*") if p.is_file()]
+    assert {p.name for p in written} >= {"shard.json", "000000.npz", "000001.npz", "index_meta.json", "ids.json"}
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o644)}  # not the 0600 of a bare temp file
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or ".tmp-" in p.name]
 
 
 def test_trained_index_from_shards(model, corpus, tmp_path):

@@ -9,10 +9,11 @@ from sentence_transformers.sentence_transformer.losses import MultipleNegativesR
 from transformers import TrainerCallback
 
 import spt_embed
-from spt_embed.model.baselines import BACKBONE_SUBDIR, BASELINE_CONFIG_NAME, baseline_encoder
 from spt_embed.cli.main import main
 from spt_embed.evaluation.evaluate import load_model, resolve_model
-from spt_embed.training.train import latest_checkpoint
+from spt_embed.model.baselines import BACKBONE_SUBDIR, BASELINE_CONFIG_NAME, baseline_encoder
+from spt_embed.recipe import latest_checkpoint
+from spt_embed.training.train import checkpoint_weights
 from spt_embed.training.train_config import Method
 from tests.conftest import SENTENCES, Kill
 from tests.test_eval import write_toy_data
@@ -66,7 +67,8 @@ def test_lora_trains_only_lora_and_saves_a_merged_encoder(tmp_path, backbones):
     assert (reloaded - expected).abs().max().item() <= 1e-5
     # The best dev checkpoint holds the unmerged LoRA adapter on the named backbone; the returned model is that
     # checkpoint merged, and merging changed nothing.
-    best = json.loads((latest_checkpoint(out, Method.LORA) / "trainer_state.json").read_text())["best_model_checkpoint"]
+    state = latest_checkpoint(out, checkpoint_weights(Method.LORA)) / "trainer_state.json"
+    best = json.loads(state.read_text())["best_model_checkpoint"]
     unmerged = load_model(resolve_model(best), device="cpu")
     assert unmerged[0].has_lora
     assert (unmerged.encode(SENTENCES, convert_to_tensor=True) - expected).abs().max().item() <= 1e-5
@@ -78,7 +80,7 @@ def test_lora_resume_matches_uninterrupted_run(tmp_path, backbones):
     killed = config(tmp_path / "b", backbones["llama"], **common)
     with pytest.raises(KeyboardInterrupt):
         spt_embed.train(killed, callbacks=[Kill(5)])
-    assert latest_checkpoint(tmp_path / "b" / "run", Method.LORA).name == "checkpoint-4"
+    assert latest_checkpoint(tmp_path / "b" / "run", checkpoint_weights(Method.LORA)).name == "checkpoint-4"
     with pytest.raises(ValueError, match="--method lora"):
         spt_embed.train(config(tmp_path / "b", backbones["llama"]), resume=True)  # an spt run over lora checkpoints
     resumed = spt_embed.train(killed, resume=True)

@@ -10,8 +10,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from spt_embed.cli.train_commands import add_mntp_parser
 from spt_embed.model.backbone import load_backbone
 from spt_embed.model.bidirectional import make_bidirectional
+from spt_embed.model.module import ForwardPath, SuffixPromptModule
+from spt_embed.recipe import CHECKPOINTS, latest_checkpoint
 from spt_embed.training.masking import (
     IGNORE,
     MNTPCollator,
@@ -21,9 +24,8 @@ from spt_embed.training.masking import (
     shifted_labels,
     tokenize_corpus,
 )
-from spt_embed.training.mntp import CHECKPOINTS, EVAL_NAME, add_mntp_parser, latest_checkpoint, mntp
+from spt_embed.training.mntp import ADAPTER_WEIGHTS, EVAL_NAME, MNTPTrainer, load_causal_lm, mntp, target_logits
 from spt_embed.training.mntp_config import MNTP_CONFIG_NAME, MNTPConfig
-from spt_embed.model.module import ForwardPath, SuffixPromptModule
 from tests.conftest import WORDS, Kill, _config, build_tokenizer
 
 MASK = "<unk>"  # the word-level test tokenizer has no '_'
@@ -107,6 +109,29 @@ def test_labels_are_shifted_by_hand():
             logits[0, j, target] = 30.0
     assert mntp_loss(logits, labels).item() < 1e-6
     assert mntp_loss(logits.roll(1, dims=1), labels).item() > 10
+    # Training passes the logits gathered at the targets, (N, V) with labels (N,): the same loss.
+    keep = labels != IGNORE
+    rolled = logits.roll(1, dims=1)
+    assert torch.equal(mntp_loss(rolled[keep], labels[keep]), mntp_loss(rolled, labels))
+    summed = mntp_loss(rolled, labels, reduction="sum")
+    assert torch.equal(mntp_loss(rolled[keep], labels[keep], reduction="sum"), summed)
+    assert mntp_loss(rolled[:, :0], labels[:, :0]).item() == 0.0  # nothing to predict
+
+
+def test_training_loss_is_mntp_loss_over_the_full_lm_head(lab):
+    """The trainer's loss, computed from the logits at the target positions only, equals mntp_loss over the LM
+    head's logits at every position."""
+    model, tokenizer, _ = load_causal_lm(str(lab / "lm"))
+    texts = (lab / "corpus.txt").read_text().split("\n")[:8]
+    collator = MNTPCollator(pad_token_id=tokenizer.pad_token_id, mask_token_id=1, vocab_size=len(tokenizer), seed=3)
+    batch = collator(tokenize_corpus(tokenizer, texts, max_length=16))
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
+        trained = MNTPTrainer.compute_loss(None, model, batch)
+        logits, targets = target_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert targets.numel() > 0 and torch.equal(targets, batch["labels"][batch["labels"] != IGNORE])
+    assert torch.equal(trained, mntp_loss(logits, targets))
+    assert abs(trained.item() - mntp_loss(full, batch["labels"]).item()) <= 1e-5
 
 
 def test_collator_masks_the_right_share_and_never_pads_specials_or_first_token():
@@ -187,6 +212,7 @@ def test_mntp_lowers_loss_and_saves_a_bidirectional_backbone(trained):
     assert evaluation["after"]["loss"] < evaluation["before"]["loss"] - 0.05
     assert evaluation["heldout_texts"] == 40 and evaluation["steps"] == 20
     assert json.loads((trained / "config.json").read_text())["is_causal"] is False
+    assert not [p.name for p in trained.iterdir() if p.name.startswith(".")]  # no staging folder left behind
     saved = json.loads((trained / MNTP_CONFIG_NAME).read_text())
     backbone = load_backbone(trained)
     assert backbone.ref.is_causal is False
@@ -220,7 +246,7 @@ def test_spt_bi_uses_the_full_pass(trained):
 
 def test_resume_matches_uninterrupted_run(lab, trained, interrupted, tmp_path):
     out = shutil.copytree(interrupted, tmp_path / "killed")
-    assert latest_checkpoint(out).name == "checkpoint-10"
+    assert latest_checkpoint(out, ADAPTER_WEIGHTS).name == "checkpoint-10"
     with pytest.raises(FileExistsError, match="--resume"):
         mntp(**options(lab, output=str(out)))
     mntp(**options(lab, output=str(out)), resume=True)
@@ -285,6 +311,8 @@ def test_bad_backbones(lab, tmp_path, backbones):
         mntp(**options(lab, output=str(tmp_path / "o2"), backbone=str(backbones["llama"])))  # a base decoder only
     with pytest.raises(ValueError, match="not a single token"):
         mntp(**options(lab, output=str(tmp_path / "o3"), mask_token=None))
+    with pytest.raises(ValueError, match=r"LoRA could not be attached.*lora_targets \['nope_proj'\]"):
+        mntp(**options(lab, output=str(tmp_path / "o4"), lora_targets=["nope_proj"]))
 
 
 @pytest.mark.parametrize(

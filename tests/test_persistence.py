@@ -9,6 +9,7 @@ from sentence_transformers import SentenceTransformer
 
 import spt_embed
 from spt_embed import SuffixPromptEncoder
+from spt_embed.model.baselines import BaselineModule, baseline_encoder
 from spt_embed.model.config import CONFIG_NAME, WEIGHTS_NAME
 
 from .conftest import SENTENCES, make_backbone
@@ -54,7 +55,8 @@ def test_self_contained_folder_outlives_the_backbone(trained, tmp_path, backbone
     assert (out / "backbone" / "config.json").is_file()
     assert json.loads((out / CONFIG_NAME).read_text())["backbone"]["source"] == "backbone"
     assert torch.equal(encode(spt_embed.load(out)), encode(trained))
-    assert model.prompt_module.save_backbone is False  # the option applies to that one save
+    model.save(str(tmp_path / "again"))  # the option applied to that one save
+    assert not (tmp_path / "again" / "backbone").exists()
 
 
 def _saved(model, path):
@@ -149,3 +151,14 @@ def test_wrong_tensor_shape(trained, tmp_path):
 def test_load_bad_paths(tmp_path, make_path, error, message):
     with pytest.raises(error, match=message):
         spt_embed.load(make_path(tmp_path))
+
+
+def test_baseline_refuses_a_changed_backbone(tmp_path):
+    backbone = make_backbone(tmp_path / "backbone", "llama")
+    baseline_encoder(backbone, "mean").save(str(tmp_path / "baseline"))
+    saved = json.loads((tmp_path / "baseline" / "baseline_config.json").read_text())
+    make_backbone(tmp_path / "backbone", "llama", seed=99)  # same shapes, other weights
+    with pytest.raises(ValueError, match="Baseline .* fingerprint .*weights changed. Restore that backbone or retrain"):
+        BaselineModule.load(str(tmp_path / "baseline"))
+    loaded = BaselineModule.load(str(tmp_path / "baseline"), model_kwargs={"allow_backbone_mismatch": True})
+    assert loaded.backbone_ref.fingerprint != saved["backbone"]["fingerprint"]

@@ -10,12 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import Kill
 import spt_embed
 from spt_embed.cli.main import main
-from spt_embed.training.train import CHECKPOINTS, latest_checkpoint
-from spt_embed.training.train_config import TrainConfig
+from spt_embed.recipe import CHECKPOINTS, latest_checkpoint, resume_checkpoint
+from spt_embed.training.train import checkpoint_weights
+from spt_embed.training.train_config import Method, TrainConfig
+from tests.conftest import Kill
 
+SPT_WEIGHTS = checkpoint_weights(Method.SPT)
 WORDS = "man woman child dog cat plays runs eats sleeps park house flute guitar piano food red blue green big small"
 
 
@@ -78,7 +80,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, backbones):
     killed_cfg = config(tmp_path / "b", backbones["llama"])
     with pytest.raises(KeyboardInterrupt):
         spt_embed.train(killed_cfg, callbacks=[Kill(6)])
-    assert latest_checkpoint(tmp_path / "b" / "run").name == "checkpoint-4"
+    assert latest_checkpoint(tmp_path / "b" / "run", SPT_WEIGHTS).name == "checkpoint-4"
     with pytest.raises(FileExistsError, match="--resume"):
         spt_embed.train(killed_cfg)  # never silently restarts over a run's checkpoints
     resumed = spt_embed.train(killed_cfg, resume=True)
@@ -90,12 +92,22 @@ def test_half_written_checkpoint_is_skipped(tmp_path, backbones):
     cfg = config(tmp_path, backbones["llama"], max_steps=8)
     spt_embed.train(cfg)
     run = tmp_path / "run"
-    good = latest_checkpoint(run)
+    good = latest_checkpoint(run, SPT_WEIGHTS)
     broken = run / CHECKPOINTS / "checkpoint-99"
     broken.mkdir()
     (broken / "soft_prompt.safetensors").write_bytes(b"half")
     (broken / "trainer_state.json").write_text("{")
-    assert latest_checkpoint(run) == good
+    assert latest_checkpoint(run, SPT_WEIGHTS) == good
+    assert resume_checkpoint(run, SPT_WEIGHTS, resume=True) == good
+    with pytest.raises(FileExistsError, match="already holds checkpoints.*--resume"):
+        resume_checkpoint(run, SPT_WEIGHTS, resume=False)
+
+
+def test_resume_without_checkpoints_starts_from_scratch(tmp_path, caplog):
+    assert resume_checkpoint(tmp_path, SPT_WEIGHTS, resume=False) is None
+    (tmp_path / CHECKPOINTS / "checkpoint-3").mkdir(parents=True)  # killed before writing anything
+    assert resume_checkpoint(tmp_path, SPT_WEIGHTS, resume=True) is None
+    assert "Skipping incomplete checkpoint" in caplog.text and "starting from scratch" in caplog.text
 
 
 @pytest.mark.parametrize(

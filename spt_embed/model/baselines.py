@@ -23,17 +23,18 @@ from typing import Any
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Normalize
-from sentence_transformers.base.modules.input_module import InputModule
 
-from spt_embed.model.backbone import NAMED_BACKBONES, Backbone, fingerprint, freeze, load_backbone
+from spt_embed.atomic import write_json
+from spt_embed.model.backbone import Backbone, freeze, load_backbone
+from spt_embed.model.base import BACKBONE_SUBDIR, BackboneModule  # noqa: F401 (a fine-tuned backbone's folder)
 from spt_embed.model.config import BackboneRef
+from spt_embed.model.identity import fingerprint
 from spt_embed.model.soft_prompt import last_token_pool, left_pad_position_ids
 
 PROMPTEOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'
 BASELINE_CONFIG_NAME = "baseline_config.json"
 LORA_SUBDIR = "lora"  # a peft adapter folder (adapter_config.json + adapter_model.safetensors)
 LORA_WEIGHTS = f"{LORA_SUBDIR}/adapter_model.safetensors"
-BACKBONE_SUBDIR = "backbone"  # a fine-tuned decoder + tokenizer (save_pretrained)
 
 
 class Baseline(str, enum.Enum):
@@ -58,10 +59,13 @@ def parse_baseline(value: Baseline | str) -> Baseline:
         raise ValueError(f"Unknown baseline {value!r}; choose one of {allowed}.") from None
 
 
-class BaselineModule(InputModule):
+class BaselineModule(BackboneModule):
     """Backbone + a text template + mean or last-token pooling; left padding with real-token positions.
 
     The backbone is frozen unless LoRA is attached (`add_lora`); `merge_lora` folds it into the weights."""
+
+    folder_kind = "Baseline"
+    mismatch_hint = "the backbone's weights changed. Restore that backbone or retrain"
 
     def __init__(
         self,
@@ -71,11 +75,8 @@ class BaselineModule(InputModule):
         max_length: int = 512,
         trained_from: BackboneRef | None = None,
     ):
-        super().__init__()
+        super().__init__(backbone)
         self.baseline = parse_baseline(baseline)
-        self.backbone = backbone.model
-        self.tokenizer = backbone.tokenizer
-        self.backbone_ref = backbone.ref
         # The backbone this one was fine-tuned from; None while the weights are the source's own.
         self.trained_from = trained_from
         self.max_seq_length = max_length
@@ -93,17 +94,10 @@ class BaselineModule(InputModule):
                 return len(full) - start - len(plain)
         return 0
 
-    def get_embedding_dimension(self) -> int:
-        return self.backbone.config.hidden_size
-
     def preprocess(self, inputs: Sequence[str], prompt: str | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Templated texts (a prompt goes inside the template, before the text), cut to max_seq_length keeping
         the template's tail, left-padded."""
-        texts = []
-        for index, item in enumerate(inputs):
-            if not isinstance(item, str):
-                raise TypeError(f"Input {index} is {type(item).__name__}, expected str: {item!r:.80}")
-            texts.append(self._prefix + (prompt or "") + item + self._suffix)
+        texts = [self._prefix + (prompt or "") + text + self._suffix for text in self.check_texts(inputs)]
         ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
         limit = self.max_seq_length
         ids = [row if len(row) <= limit else row[: limit - self._tail] + row[len(row) - self._tail :] for row in ids]
@@ -140,15 +134,11 @@ class BaselineModule(InputModule):
 
     def add_lora(self, lora_config) -> None:
         """Wrap the backbone in peft LoRA layers (a `peft.LoraConfig`); only they train, the base stays frozen."""
-        from peft import get_peft_model
+        from spt_embed.model.backbone import attach_lora
 
         if self.has_lora:
             raise ValueError("This baseline already carries LoRA; merge it first (merge_lora) to stack another.")
-        try:
-            self.backbone = get_peft_model(self.backbone, lora_config)
-        except ValueError as exc:
-            targets = sorted(lora_config.target_modules or [])
-            raise ValueError(f"LoRA could not be attached ({exc}); check lora_targets {targets}.") from None
+        self.backbone = attach_lora(self.backbone, lora_config)
 
     def merge_lora(self) -> None:
         """Fold LoRA into the backbone weights: a plain decoder again, saved in full (backbone/) from now on."""
@@ -168,9 +158,7 @@ class BaselineModule(InputModule):
         if self.has_lora:
             self.backbone.save_pretrained(out / LORA_SUBDIR)  # the adapter only; the base is `ref`
         elif self.trained_from is not None:
-            self.backbone.save_pretrained(out / BACKBONE_SUBDIR)
-            self.tokenizer.save_pretrained(out / BACKBONE_SUBDIR)
-            ref = dataclasses.replace(ref, source=BACKBONE_SUBDIR, fingerprint=fingerprint(self.backbone))
+            ref = dataclasses.replace(self.write_backbone(out), fingerprint=fingerprint(self.backbone))
         payload = {
             "baseline": self.baseline.value,
             "max_length": self.max_seq_length,
@@ -178,14 +166,14 @@ class BaselineModule(InputModule):
             "trained_from": dataclasses.asdict(self.trained_from) if self.trained_from else None,
             "spt_embed_version": __version__,
         }
-        (out / BASELINE_CONFIG_NAME).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        write_json(out / BASELINE_CONFIG_NAME, payload)
 
     @classmethod
     def load(
         cls, model_name_or_path: str, subfolder: str = "", model_kwargs: dict[str, Any] | None = None, **kwargs: Any
     ) -> BaselineModule:
         """Load a folder written by `save`; the backbone must match its recorded fingerprint. `model_kwargs` may
-        carry `dtype`."""
+        carry `dtype` (and the other options of `BackboneModule.load_saved_backbone`)."""
         folder = Path(model_name_or_path) / subfolder
         config_path = folder / BASELINE_CONFIG_NAME
         if not config_path.is_file():
@@ -196,15 +184,7 @@ class BaselineModule(InputModule):
             trained_from = BackboneRef(**saved["trained_from"]) if saved.get("trained_from") else None
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{config_path} is corrupted ({exc!r}).") from None
-        source: str | Path = ref.source
-        if source not in NAMED_BACKBONES and not Path(source).is_absolute():
-            source = folder / source  # a fine-tuned backbone saved inside the folder
-        backbone = load_backbone(source, dtype=(model_kwargs or {}).get("dtype", torch.float32))
-        if backbone.ref.fingerprint != ref.fingerprint:
-            raise ValueError(
-                f"{folder} was saved on a backbone with fingerprint {ref.fingerprint}, but {source} now has "
-                f"{backbone.ref.fingerprint}: the backbone's weights changed. Restore that backbone or retrain."
-            )
+        backbone = cls.load_saved_backbone(folder, ref, model_kwargs or {})
         module = cls(backbone, saved["baseline"], max_length=saved["max_length"], trained_from=trained_from)
         if (folder / LORA_SUBDIR).is_dir():
             from peft import PeftModel

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from spt_embed.atomic import write_text
 from spt_embed.recipe import parse_enum
 
 CONFIG_NAME = "spt_config.json"
@@ -88,8 +89,7 @@ class SuffixPromptConfig:
         return data
 
     def save(self, directory: str | Path) -> None:
-        path = Path(directory) / CONFIG_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_text(Path(directory) / CONFIG_NAME, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> SuffixPromptConfig:

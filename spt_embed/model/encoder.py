@@ -11,55 +11,13 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Normalize
 
-from spt_embed.model.config import CONFIG_NAME, Init, Placement
+from spt_embed.model.config import Init, Placement
+from spt_embed.model.dtypes import parse_dtype
 from spt_embed.model.module import SuffixPromptModule
+from spt_embed.model.specs import MODULES_NAME, classify
 
 # Module types an adapter folder may name in modules.json; anything else would run foreign code.
 _TRUSTED_PREFIXES = ("spt_embed.", "sentence_transformers.")
-
-# Weight dtypes a command accepts. bfloat16 roughly halves encode time on CPUs with AVX512-BF16 (measured:
-# README "Speed"), at a cosine of >= 0.998 to float32 embeddings; embeddings always come out float32.
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(value: str | torch.dtype) -> torch.dtype:
-    """A torch dtype from its name ("float32", "bfloat16", "float16") or itself; a clear error otherwise."""
-    if isinstance(value, torch.dtype) and value in DTYPES.values():
-        return value
-    if isinstance(value, str) and value in DTYPES:
-        return DTYPES[value]
-    raise ValueError(f"Unsupported dtype {value!r}: use one of {', '.join(DTYPES)}.")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, value in DTYPES.items() if value == dtype)
-
-
-def weights_dtype(model: torch.nn.Module) -> str:
-    """The name of the dtype most of a model's weights are in (an SPT encoder: its backbone's)."""
-    sizes: dict[torch.dtype, int] = {}
-    for param in model.parameters():
-        sizes[param.dtype] = sizes.get(param.dtype, 0) + param.numel()
-    if not sizes:
-        return "float32"
-    dtype = max(sizes, key=sizes.__getitem__)
-    return dtype_name(dtype) if dtype in DTYPES.values() else str(dtype).removeprefix("torch.")
-
-
-def add_dtype_argument(parser: Any) -> None:
-    """The `--dtype` option of the commands that encode."""
-    parser.add_argument(
-        "--dtype",
-        choices=list(DTYPES),
-        default="float32",
-        help="weights' dtype while encoding (default float32); bfloat16 is about 2x faster on CPUs with AVX512-BF16 "
-        "or AMX, embeddings stay float32",
-    )
-
-
-# Trained adapters shipped inside the package, loadable by name.
-BUNDLED_ADAPTERS_DIR = Path(__file__).resolve().parents[1] / "adapters"
-
 
 class SuffixPromptEncoder(SentenceTransformer):
     """A SentenceTransformer made of a `SuffixPromptModule` (and a `Normalize` by default)."""
@@ -98,30 +56,13 @@ class SuffixPromptEncoder(SentenceTransformer):
         return self[0]
 
 
-def bundled_adapters() -> list[str]:
-    if not BUNDLED_ADAPTERS_DIR.is_dir():
-        return []
-    return sorted(p.name for p in BUNDLED_ADAPTERS_DIR.iterdir() if (p / CONFIG_NAME).is_file())
-
-
 def resolve_adapter_path(name_or_path: str | os.PathLike) -> Path:
     """A bundled adapter name or a local adapter folder; a clear error for anything else."""
-    if str(name_or_path) in bundled_adapters():
-        return BUNDLED_ADAPTERS_DIR / str(name_or_path)
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        bundled = ", ".join(bundled_adapters()) or "none installed"
-        raise FileNotFoundError(f"Adapter {str(name_or_path)!r} not found: not a folder nor a bundled adapter ({bundled}).")
-    if not (path / CONFIG_NAME).is_file():
-        hint = " It looks like a plain SentenceTransformer: load it with SentenceTransformer(path)." if (
-            path / "modules.json"
-        ).is_file() else ""
-        raise FileNotFoundError(f"{path} is not a spt-embed adapter folder: it has no {CONFIG_NAME}.{hint}")
-    return path
+    return classify(name_or_path).adapter_folder()
 
 
 def _check_module_types(path: Path) -> None:
-    modules_json = path / "modules.json"
+    modules_json = path / MODULES_NAME
     if not modules_json.is_file():
         raise FileNotFoundError(f"{modules_json} is missing; save adapters with model.save(path) or spt_embed.save().")
     try:
@@ -165,42 +106,31 @@ def save(model: SentenceTransformer, path: str | os.PathLike, *, include_backbon
     module = model[0]
     if not isinstance(module, SuffixPromptModule):
         raise TypeError(f"Expected a suffix-prompt encoder, got a model whose first module is {type(module).__name__}.")
-    module.save_backbone = include_backbone
-    try:
-        model.save(str(path))
-    finally:
-        module.save_backbone = False
+    model.save(str(path))
+    if include_backbone:
+        # sentence-transformers hands its modules no options when saving, so the prompt module, which lives in
+        # the folder's root, writes itself again, backbone included.
+        module.save(str(path), include_backbone=True)
 
 
 def open_encoder(
     spec: str | os.PathLike, *, device: str | None = None, dtype: str | torch.dtype = torch.float32
 ) -> SentenceTransformer:
-    """Any encoder a command accepts: a spt-embed adapter (folder or bundled name) or a SentenceTransformer folder,
-    with its weights in `dtype`."""
-    text = str(spec)
-    path = Path(text).expanduser()
+    """Any encoder a command accepts: a spt-embed adapter (folder or bundled name), a SentenceTransformer folder
+    or a reference encoder, with its weights in `dtype`."""
     dtype = parse_dtype(dtype)
-    if text in bundled_adapters() or (path / CONFIG_NAME).is_file():
-        return load(text, device=device, dtype=dtype)
-    if (path / "modules.json").is_file():
-        # sentence-transformers refuses module classes from outside its library (e.g. a saved LoRA baseline,
-        # spt_embed.model.baselines.BaselineModule) unless trusted; ours are, anything else stays refused.
-        try:
-            _check_module_types(path)
-            trusted = True
-        except ValueError:
-            trusted = False
-        model = SentenceTransformer(str(path), device=device, local_files_only=True, trust_remote_code=trusted)
-        return model if dtype == torch.float32 else model.to(dtype)
-    from spt_embed.model.backbone import NAMED_BACKBONES
-
-    if text in NAMED_BACKBONES:
-        raise ValueError(
-            f"{text!r} is a backbone, not an encoder: train a suffix prompt on it (`spt-embed train`) or build "
-            f"an untrained one with SuffixPromptEncoder.from_backbone({text!r})."
-        )
-    bundled = ", ".join(bundled_adapters()) or "none installed"
-    raise FileNotFoundError(
-        f"Model {text!r} not found: expected a spt-embed adapter folder, a bundled adapter ({bundled}) or a "
-        f"SentenceTransformer folder (with modules.json)."
+    kind, folder = classify(spec).encoder_folder(
+        backbone_advice=f"train a suffix prompt on it (`spt-embed train`) or build an untrained one with "
+        f"SuffixPromptEncoder.from_backbone({str(spec)!r})."
     )
+    if kind == "adapter":
+        return load(folder, device=device, dtype=dtype)
+    # sentence-transformers refuses module classes from outside its library (e.g. a saved LoRA baseline,
+    # spt_embed.model.baselines.BaselineModule) unless trusted; ours are, anything else stays refused.
+    try:
+        _check_module_types(folder)
+        trusted = True
+    except ValueError:
+        trusted = False
+    model = SentenceTransformer(str(folder), device=device, local_files_only=True, trust_remote_code=trusted)
+    return model if dtype == torch.float32 else model.to(dtype)

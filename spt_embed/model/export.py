@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,9 +18,11 @@ from sentence_transformers.base.modules import Normalize, Transformer
 from sentence_transformers.sentence_transformer.modules import Pooling
 from tokenizers.processors import TemplateProcessing
 
+from spt_embed.atomic import atomic_folder
 from spt_embed.model.config import Placement
 from spt_embed.model.encoder import load
 from spt_embed.model.module import SuffixPromptModule
+from spt_embed.model.specs import MODULES_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -59,50 +60,49 @@ def export(
     if module.spt_config.placement is not Placement.SUFFIX:
         raise ValueError("Only suffix placement can be exported as a plain SentenceTransformer (prefix cannot pool last).")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Work on a reloaded copy in a staging folder beside the output, so the encoder in memory stays untouched
-    # and a failed export leaves any previous output as it was.
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
-    try:
-        module.backbone.save_pretrained(staging / "_backbone")
-        module.tokenizer.save_pretrained(staging / "_backbone")
-        backbone_dir = staging / "_backbone"
-        from transformers import AutoModel, AutoTokenizer
-
-        backbone = AutoModel.from_pretrained(backbone_dir, dtype=next(module.backbone.parameters()).dtype)
-        tok = AutoTokenizer.from_pretrained(backbone_dir)
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        before, after = _special_tokens_around_text(tok)
-        names = soft_token_names(module.num_tokens, tok.get_vocab())
-        tok.add_tokens(names, special_tokens=True)
-        ids = tok.convert_tokens_to_ids(names)
-        backbone.resize_token_embeddings(len(tok), mean_resizing=False)
-        with torch.no_grad():
-            backbone.get_input_embeddings().weight[ids] = module.soft_prompt.detach().to(backbone.dtype)
-        template = [tok.convert_ids_to_tokens(i) for i in before] + ["$A"]
-        template += [tok.convert_ids_to_tokens(i) for i in after] + names
-        specials = {tok.convert_ids_to_tokens(i): i for i in [*before, *after, *ids]}
-        tok.backend_tokenizer.post_processor = TemplateProcessing(
-            single=" ".join(template), special_tokens=list(specials.items())
-        )
-        # Without this, sentence-transformers wraps every input in the chat template.
-        tok.chat_template = None
-        tok.model_max_length = module.max_seq_length
-        plain_dir = staging / "plain"
-        backbone.save_pretrained(plain_dir)
-        tok.save_pretrained(plain_dir)
-        shutil.rmtree(backbone_dir)
-
-        transformer = Transformer(str(plain_dir), max_seq_length=module.max_seq_length)
-        pooling = Pooling(module.get_embedding_dimension(), pooling_mode="lasttoken")
-        modules = [transformer, pooling] + [m for m in list(model)[1:] if isinstance(m, Normalize)]
-        plain = SentenceTransformer(modules=modules, device="cpu", prompts=model.prompts or None)
-        plain.save(str(plain_dir))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(plain_dir, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    logger.info("Exported %s to %s (plain SentenceTransformer, %d soft tokens)", adapter, out, len(names))
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # an empty folder is free to take; atomic_folder replaces only a folder of its own kind
+    atomic_folder(out, lambda folder: _write_plain(model, folder), overwrite=overwrite, marker=MODULES_NAME)
+    logger.info("Exported %s to %s (plain SentenceTransformer, %d soft tokens)", adapter, out, module.num_tokens)
     return out
+
+
+def _write_plain(model: SentenceTransformer, folder: Path) -> None:
+    """Fill `folder` with the plain SentenceTransformer. It is built from a reloaded copy of the backbone, so the
+    encoder in memory stays untouched."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from spt_embed.model.backbone import ensure_pad_token
+
+    module = model[0]
+    backbone_dir = folder / "_backbone"
+    module.backbone.save_pretrained(backbone_dir)
+    module.tokenizer.save_pretrained(backbone_dir)
+    backbone = AutoModel.from_pretrained(backbone_dir, dtype=next(module.backbone.parameters()).dtype)
+    tok = AutoTokenizer.from_pretrained(backbone_dir)
+    ensure_pad_token(tok, backbone_dir)
+    before, after = _special_tokens_around_text(tok)
+    names = soft_token_names(module.num_tokens, tok.get_vocab())
+    tok.add_tokens(names, special_tokens=True)
+    ids = tok.convert_tokens_to_ids(names)
+    backbone.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():
+        backbone.get_input_embeddings().weight[ids] = module.soft_prompt.detach().to(backbone.dtype)
+    template = [tok.convert_ids_to_tokens(i) for i in before] + ["$A"]
+    template += [tok.convert_ids_to_tokens(i) for i in after] + names
+    specials = {tok.convert_ids_to_tokens(i): i for i in [*before, *after, *ids]}
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=" ".join(template), special_tokens=list(specials.items())
+    )
+    # Without this, sentence-transformers wraps every input in the chat template.
+    tok.chat_template = None
+    tok.model_max_length = module.max_seq_length
+    backbone.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    shutil.rmtree(backbone_dir)
+
+    transformer = Transformer(str(folder), max_seq_length=module.max_seq_length)
+    pooling = Pooling(module.get_embedding_dimension(), pooling_mode="lasttoken")
+    modules = [transformer, pooling] + [m for m in list(model)[1:] if isinstance(m, Normalize)]
+    plain = SentenceTransformer(modules=modules, device="cpu", prompts=model.prompts or None)
+    plain.save(str(folder))

@@ -1,9 +1,9 @@
-"""The sentence-transformers input module: tokenise, splice the soft tokens in, run the frozen backbone, pool."""
+"""The suffix prompt as a sentence-transformers input module: tokenise, splice the soft tokens in, run the frozen
+backbone, pool. The fast forward path for training lives in fast_path.py, what every backbone method shares in
+base.py."""
 
 from __future__ import annotations
 
-import contextlib
-import enum
 import logging
 import os
 from collections.abc import Sequence
@@ -13,62 +13,25 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from sentence_transformers.base.modules.input_module import InputModule
-from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask
 
-from spt_embed.model.backbone import NAMED_BACKBONES, Backbone, load_backbone
+from spt_embed.model.backbone import Backbone, load_backbone
+from spt_embed.model.base import BackboneModule, grouped_query_sdpa
 from spt_embed.model.config import CONFIG_NAME, WEIGHTS_KEY, WEIGHTS_NAME, Init, Placement, SuffixPromptConfig
-from spt_embed.model.soft_prompt import (
-    expand_soft_prompt,
-    init_soft_prompt,
-    last_token_pool,
-    left_pad_position_ids,
-    pack_texts,
-    splice,
-    suffix_position_ids,
-    unpack_states,
-)
+from spt_embed.model.fast_path import ForwardPath, fast_forward
+from spt_embed.model.soft_prompt import init_soft_prompt, last_token_pool, left_pad_position_ids, splice
 
 logger = logging.getLogger(__name__)
 
-BACKBONE_SUBDIR = "backbone"
-
-
-@contextlib.contextmanager
-def grouped_query_sdpa():
-    """Let SDPA attend grouped-query heads in place instead of copying keys/values once per query head.
-
-    transformers copies them (`repeat_kv`) on CPU unless TRANSFORMERS_SDPA_FORCE_GQA=1, and autograd keeps the
-    copies: on SmolLM2 (3 key/value heads for 9 query heads) that is about 300 MB of a 32-pair training step.
-    Same numbers either way; a user's own setting of the variable wins.
-    """
-    name = "TRANSFORMERS_SDPA_FORCE_GQA"
-    if name in os.environ:
-        yield
-        return
-    os.environ[name] = "1"
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
-
-
-class ForwardPath(str, enum.Enum):
-    AUTO = "auto"  # fast path when it is exact and gradients are needed, full pass otherwise
-    FULL = "full"  # one pass over [text | soft tokens]
-    FAST = "fast"  # text once under no_grad with a KV cache, then only the K soft tokens with gradients
-
-
-class SuffixPromptModule(InputModule):
+class SuffixPromptModule(BackboneModule):
     """K trainable soft tokens appended to every text; the frozen backbone's last hidden state is the embedding."""
 
     config_file_name = CONFIG_NAME
     DEFAULT_PACK_TOKENS = 64
-    save_in_root = True
+    folder_kind = "Adapter"
+    mismatch_hint = "its soft tokens will not mean the same there. Load it on the backbone it was trained on"
 
     def __init__(self, backbone: Backbone, config: SuffixPromptConfig, soft_prompt: torch.Tensor | None = None):
-        super().__init__()
+        super().__init__(backbone)
         hidden = backbone.model.config.hidden_size
         if config.backbone.hidden_size and config.backbone.hidden_size != hidden:
             raise ValueError(
@@ -77,9 +40,6 @@ class SuffixPromptModule(InputModule):
                 f"for ({config.backbone.source!r})."
             )
         self.spt_config = config
-        self.backbone = backbone.model
-        self.tokenizer = backbone.tokenizer
-        self.backbone_ref = backbone.ref
         if soft_prompt is None:
             text_ids = None
             if config.init is Init.TEXT:
@@ -100,7 +60,6 @@ class SuffixPromptModule(InputModule):
         # Tokens per packed row in the fast path's text pass: attention inside a row costs row_tokens**2, so rows
         # stay short; a text longer than this gets a row of its own.
         self.pack_tokens = self.DEFAULT_PACK_TOKENS
-        self.save_backbone = False
         self._logged_path: ForwardPath | None = None
         self._warned_empty = False
 
@@ -108,32 +67,14 @@ class SuffixPromptModule(InputModule):
 
     @classmethod
     def from_backbone(
-        cls,
-        backbone: str | os.PathLike | Backbone,
-        *,
-        num_tokens: int = 16,
-        init: Init | str = Init.TEXT,
-        init_text: str | None = None,
-        placement: Placement | str = Placement.SUFFIX,
-        max_length: int = 512,
-        seed: int = 0,
-        dtype: torch.dtype = torch.float32,
+        cls, backbone: str | os.PathLike | Backbone, *, dtype: torch.dtype = torch.float32, **config: Any
     ) -> SuffixPromptModule:
-        kwargs: dict[str, Any] = {}
-        if init_text is not None:
-            kwargs["init_text"] = init_text
+        """A fresh module on `backbone` (a spec, loaded in `dtype`, or a loaded Backbone). `config`: fields of
+        SuffixPromptConfig (num_tokens, init, init_text, placement, max_length, seed); None keeps a default."""
         if not isinstance(backbone, Backbone):
             backbone = load_backbone(backbone, dtype=dtype)
-        config = SuffixPromptConfig(
-            backbone=backbone.ref,
-            num_tokens=num_tokens,
-            init=init,
-            placement=placement,
-            max_length=max_length,
-            seed=seed,
-            **kwargs,
-        )
-        return cls(backbone, config)
+        given = {name: value for name, value in config.items() if value is not None}
+        return cls(backbone, SuffixPromptConfig(backbone=backbone.ref, **given))
 
     # ----- sentence-transformers interface ------------------------------------------------------------------
 
@@ -151,13 +92,6 @@ class SuffixPromptModule(InputModule):
             raise ValueError(f"max_seq_length must exceed the {self.num_tokens} soft tokens, got {value}.")
         self.spt_config.max_length = value
 
-    @property
-    def is_causal(self) -> bool:
-        return getattr(self.backbone.config, "is_causal", True) is not False
-
-    def get_embedding_dimension(self) -> int:
-        return self.backbone.config.hidden_size
-
     def train(self, mode: bool = True) -> SuffixPromptModule:
         super().train(mode)
         self.backbone.eval()  # the backbone is frozen: no dropout, whatever the trainer asks
@@ -171,11 +105,7 @@ class SuffixPromptModule(InputModule):
         An empty string yields no text tokens: its embedding is that of the soft prompt alone (plus any special
         tokens the tokenizer adds), the same vector for every empty input.
         """
-        texts = []
-        for index, item in enumerate(inputs):
-            if not isinstance(item, str):
-                raise TypeError(f"Input {index} is {type(item).__name__}, expected str: {item!r:.80}")
-            texts.append(prompt + item if prompt else item)
+        texts = [prompt + text if prompt else text for text in self.check_texts(inputs)]
         empty = sum(1 for text in texts if not text)
         if empty:
             # Warn once per module; repeating it for every batch of a large file would bury other messages.
@@ -197,7 +127,14 @@ class SuffixPromptModule(InputModule):
         path = self.resolve_path(input_ids.shape[1])
         with grouped_query_sdpa():
             if path is ForwardPath.FAST:
-                hidden = self._fast_forward(input_ids, attention_mask)
+                hidden = fast_forward(
+                    self.backbone,
+                    self.soft_prompt,
+                    input_ids,
+                    attention_mask,
+                    pack_tokens=self.pack_tokens,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
             else:
                 hidden = self._full_forward(input_ids, attention_mask)
         # fp32 out whatever the backbone's dtype: normalising and FAISS then work at full precision.
@@ -242,48 +179,23 @@ class SuffixPromptModule(InputModule):
         )
         return last_token_pool(out.last_hidden_state)  # (B, H)
 
-    def _fast_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # Under causal attention the soft tokens cannot change the text's hidden states, so the text needs no
-        # graph: run it once without gradients, keep its keys/values, then run only the K soft tokens on top.
-        # The text pass packs the batch's texts into a few rows (a random training batch is about half padding
-        # otherwise); the soft pass then runs over the whole batch at once on the unpacked keys/values.
-        packed, positions, index = pack_texts(input_ids, attention_mask, self.pack_tokens, self.tokenizer.pad_token_id)
-        dtype = self.backbone.get_input_embeddings().weight.dtype
-        with torch.no_grad():
-            # Each packed text attends only to itself: transformers builds that block-causal mask from position ids
-            # that restart at 0, but only without a cache, so build it here and hand it over ready-made.
-            shape_only = torch.empty(*packed.shape, 0, dtype=dtype, device=packed.device)  # (R, C, 0)
-            block_mask = create_causal_mask(self.backbone.config, shape_only, None, None, position_ids=positions)
-            text_out = self.backbone(input_ids=packed, position_ids=positions, attention_mask=block_mask, use_cache=True)
-        cache = DynamicCache(
-            ddp_cache_data=[(unpack_states(k, index), unpack_states(v, index)) for k, v, *_ in text_out.past_key_values],
-            config=self.backbone.config,
-        )
-        batch = input_ids.shape[0]
-        soft = expand_soft_prompt(self.soft_prompt, batch, dtype)
-        full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, self.num_tokens)], dim=1)  # (B, L+K)
-        out = self.backbone(
-            inputs_embeds=soft,
-            attention_mask=full_mask,
-            position_ids=suffix_position_ids(attention_mask, self.num_tokens),
-            past_key_values=cache,
-            use_cache=True,
-        )
-        return last_token_pool(out.last_hidden_state)  # (B, H)
-
     # ----- persistence --------------------------------------------------------------------------------------
 
-    def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:
-        """Write the soft tokens (safetensors) and spt_config.json; the backbone only if `save_backbone`."""
+    def save(
+        self,
+        output_path: str,
+        *args: Any,
+        safe_serialization: bool = True,
+        include_backbone: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Write the soft tokens (safetensors) and spt_config.json; with `include_backbone` the backbone too, in
+        backbone/, which the config then names."""
         out = Path(output_path)
         out.mkdir(parents=True, exist_ok=True)
         save_file({WEIGHTS_KEY: self.soft_prompt.detach().float().cpu().contiguous()}, str(out / WEIGHTS_NAME))
-        config = SuffixPromptConfig(**{**self.spt_config.to_dict(), "backbone": self.backbone_ref})
-        if self.save_backbone:
-            self.backbone.save_pretrained(out / BACKBONE_SUBDIR)
-            self.tokenizer.save_pretrained(out / BACKBONE_SUBDIR)
-            config.backbone = type(self.backbone_ref)(**{**vars(self.backbone_ref), "source": BACKBONE_SUBDIR})
-        config.save(out)
+        ref = self.write_backbone(out) if include_backbone else self.backbone_ref
+        SuffixPromptConfig(**{**self.spt_config.to_dict(), "backbone": ref}).save(out)
 
     @classmethod
     def load(
@@ -300,27 +212,7 @@ class SuffixPromptModule(InputModule):
         if not folder.is_dir():
             raise FileNotFoundError(f"Adapter folder {folder} does not exist (spt-embed loads local folders only).")
         config = SuffixPromptConfig.load(folder)
-        source = options.get("backbone")
-        if source is None:
-            source = config.backbone.source
-            # A self-contained folder names its backbone relative to itself ("backbone").
-            if source not in NAMED_BACKBONES and not Path(source).is_absolute():
-                source = folder / source
-        backbone = load_backbone(source, dtype=options.get("dtype", torch.float32))
-        if backbone.ref.hidden_size != config.backbone.hidden_size:
-            raise ValueError(
-                f"Adapter {folder} was trained on a backbone with hidden size {config.backbone.hidden_size}, but "
-                f"{source} has {backbone.ref.hidden_size}. Load it on its own backbone ({config.backbone.source!r})."
-            )
-        if backbone.ref.fingerprint != config.backbone.fingerprint:
-            message = (
-                f"Adapter {folder} was trained on backbone {config.backbone.source!r} (fingerprint "
-                f"{config.backbone.fingerprint}) but {source} has fingerprint {backbone.ref.fingerprint}: its soft "
-                f"tokens will not mean the same there. Load it on the backbone it was trained on"
-            )
-            if not options.get("allow_backbone_mismatch"):
-                raise ValueError(message + ", or pass allow_backbone_mismatch=True to load anyway.")
-            logger.warning("%s; loading anyway (allow_backbone_mismatch=True).", message)
+        backbone = cls.load_saved_backbone(folder, config.backbone, options)
         return cls(backbone, config, _read_soft_prompt(folder / WEIGHTS_NAME))
 
 

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spt_embed.recipe import parse_enum
+
 logger = logging.getLogger(__name__)
 
 # Bad lines named one by one in the log before only the count is kept.
@@ -94,11 +96,7 @@ class CorpusSpec:
         self.path = os.fspath(self.path)
         if self.format is None:
             self.format = _SUFFIX_FORMATS.get(Path(self.path).suffix.lower(), CorpusFormat.TEXT)
-        try:
-            self.format = CorpusFormat(getattr(self.format, "value", self.format))
-        except ValueError:
-            allowed = ", ".join(f.value for f in CorpusFormat)
-            raise ValueError(f"Corpus format {self.format!r} is not supported; choose one of {allowed}.") from None
+        self.format = parse_enum(CorpusFormat, self.format, "format")
         if not self.text_field:
             raise ValueError("text_field must name the field holding the document text, got an empty name.")
 

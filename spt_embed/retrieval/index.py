@@ -14,112 +14,33 @@ An index folder holds::
 
 from __future__ import annotations
 
-import enum
-import hashlib
 import json
 import logging
-import math
 import os
-import shutil
-import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from spt_embed.atomic import atomic_folder, previous_folder
+from spt_embed.model.identity import model_fingerprint
+from spt_embed.recipe import enum_text
+from spt_embed.retrieval.faiss_factory import IndexType, new_faiss_index
+from spt_embed.retrieval.metadata import (
+    IDS_FILE,
+    INDEX_FILE,
+    META_FILE,
+    OFFSETS_FILE,
+    SHARD_FILE,
+    IndexMetadata,
+    read_json,
+    read_metadata,
+)
+
 logger = logging.getLogger(__name__)
-
-INDEX_FILE = "index.faiss"
-IDS_FILE = "ids.json"
-OFFSETS_FILE = "offsets.npy"
-META_FILE = "index_meta.json"
-
-# HNSW: 32 links per node; efConstruction/efSearch trade build and query time for recall (efSearch is stored in
-# the index file). eval/faiss_retrieval.py measures the recall against the exact index.
-HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 200, 128
-# IVF-PQ: at most this many vectors train the coarse quantizer and the product quantizer (a random sample).
-TRAIN_SAMPLE = 100_000
-# k-means wants at least this many training points per centroid (FAISS warns below 39).
-MIN_POINTS_PER_CENTROID = 39
-
-
-class IndexType(str, enum.Enum):
-    """Named presets; any other string is passed to faiss.index_factory."""
-
-    FLAT = "flat"  # exact inner product
-    HNSW = "hnsw"  # graph index: fast, approximate, no training, ~1.1x the memory of flat
-    IVFPQ = "ivfpq"  # inverted lists + product quantisation: for large corpora, trained on a sample
-
-
-def resolve_factory(index_type: str, count: int, dimension: int) -> str:
-    """The FAISS factory string for a preset (sized for `count` vectors) or a factory string as it is."""
-    preset = {t.value: t for t in IndexType}.get(str(getattr(index_type, "value", index_type)).lower())
-    if preset is IndexType.FLAT:
-        return "Flat"
-    if preset is IndexType.HNSW:
-        return f"HNSW{HNSW_M}"
-    if preset is IndexType.IVFPQ:
-        if count < 256 * MIN_POINTS_PER_CENTROID:
-            logger.warning(
-                "ivfpq is meant for large corpora; %d documents train a coarse quantiser (fewer than 8 bits per "
-                "sub-vector). flat is exact and small at this size.", count
-            )
-        # nlist ~ 4 sqrt(n) (FAISS guidelines), with enough points to train every centroid.
-        nlist = max(1, min(round(4 * math.sqrt(count)), count // MIN_POINTS_PER_CENTROID))
-        # m sub-quantizers of >= 4 dimensions each (m must divide the dimension), at most 64 bytes per vector.
-        m = max((m for m in range(1, min(64, dimension // 4) + 1) if dimension % m == 0), default=1)
-        # 8 bits (256 centroids per sub-quantizer) once there are enough points to train them.
-        nbits = max(1, min(8, int(math.log2(max(2, min(count, TRAIN_SAMPLE) // MIN_POINTS_PER_CENTROID)))))
-        return f"IVF{nlist},PQ{m}x{nbits}"
-    return str(index_type)
-
-
-def new_faiss_index(index_type: str, count: int, dimension: int, sample: Callable[[int], np.ndarray]):
-    """An empty, trained FAISS index for `count` vectors; `sample(n)` returns n random rows to train on."""
-    import faiss
-
-    factory = resolve_factory(index_type, count, dimension)
-    try:
-        index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        presets = ", ".join(t.value for t in IndexType)
-        raise ValueError(
-            f"Index type {index_type!r} is neither a preset ({presets}) nor a valid FAISS factory string for "
-            f"dimension {dimension} ({str(exc).strip().splitlines()[-1]})."
-        ) from None
-    hnsw = _find(index, "hnsw")
-    if hnsw is not None:
-        hnsw.efConstruction, hnsw.efSearch = HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH
-    if not index.is_trained:
-        rows = sample(min(count, TRAIN_SAMPLE))
-        logger.info("Training %s on %d of %d vectors", factory, len(rows), count)
-        try:
-            index.train(np.ascontiguousarray(rows, dtype=np.float32))
-        except RuntimeError as exc:
-            raise ValueError(f"Could not train {factory} on {len(rows)} vectors ({exc}); use flat or hnsw.") from None
-    ivf = _ivf(index)
-    if ivf is not None:
-        ivf.nprobe = min(ivf.nlist, max(8, ivf.nlist // 8), 64)  # lists visited per query; stored in the index file
-    return index, factory
-
-
-def _find(index, attribute: str):
-    import faiss
-
-    return getattr(faiss.downcast_index(index), attribute, None)
-
-
-def _ivf(index):
-    import faiss
-
-    try:
-        return faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return None
 
 
 def normalize(embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -130,71 +51,6 @@ def normalize(embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
     norms = np.linalg.norm(array, axis=1, keepdims=True)
     np.divide(array, norms, out=array, where=norms > 0)
     return array
-
-
-def model_fingerprint(model) -> tuple[str, str]:
-    """(fingerprint, backbone fingerprint) of a SentenceTransformer; the backbone part is "" for non-SPT models.
-
-    A suffix-prompt encoder is identified by its backbone's fingerprint, the soft prompt (hashed in full) and how
-    it is applied; any other model by a strided sample of every weight. Both include the module types and the
-    model's prompts, which change its embeddings as much as its weights do.
-    """
-    from spt_embed.model.module import SuffixPromptModule
-
-    digest = hashlib.sha256()
-    types = [f"{type(module).__module__}.{type(module).__qualname__}" for module in model]
-    prompts = {name: text for name, text in (getattr(model, "prompts", None) or {}).items() if text}  # "" = none
-    digest.update(json.dumps({"modules": types, "prompts": prompts}, sort_keys=True).encode())
-    first = model[0]
-    if isinstance(first, SuffixPromptModule):
-        backbone = first.backbone_ref.fingerprint
-        setup = {"backbone": backbone, "placement": first.spt_config.placement.value, "causal": first.is_causal}
-        digest.update(json.dumps(setup, sort_keys=True).encode())
-        digest.update(first.soft_prompt.detach().to(torch.float32).cpu().numpy().tobytes())
-        return digest.hexdigest()[:16], backbone
-    with torch.no_grad():
-        for name, tensor in sorted(model.state_dict().items()):
-            flat = tensor.detach().reshape(-1)
-            digest.update(f"{name}:{tuple(tensor.shape)}".encode())
-            digest.update(flat[:: max(1, flat.numel() // 512)].to(torch.float32).cpu().numpy().tobytes())
-    return digest.hexdigest()[:16], ""
-
-
-@dataclass
-class IndexMetadata:
-    """What built an index; `index_meta.json`."""
-
-    fingerprint: str = field(metadata={"help": "model_fingerprint() of the encoder that built the index."})
-    dimension: int = field(metadata={"help": "Embedding width."})
-    count: int = field(default=0, metadata={"help": "Number of documents."})
-    model: str = field(default="", metadata={"help": "Model spec to reopen the encoder with (open_encoder)."})
-    backbone_fingerprint: str = field(default="", metadata={"help": "SPT only: the frozen backbone's fingerprint."})
-    index_type: str = field(default="flat", metadata={"help": "Preset (flat, hnsw, ivfpq) or factory string asked."})
-    factory: str = field(default="Flat", metadata={"help": "The FAISS factory string actually built."})
-    query_prompt: str | None = field(default=None, metadata={"help": "Text prepended to every query, never to docs."})
-    dtype: str = field(default="float32", metadata={"help": "Weights' dtype of the encoder; queries are encoded in it."})
-    corpus: dict[str, Any] | None = field(default=None, metadata={"help": "CorpusSpec of the indexed file, if one."})
-    spt_embed_version: str = field(default="", metadata={"help": "Library version that wrote the index."})
-    faiss_version: str = field(default="", metadata={"help": "FAISS version that wrote the index."})
-    created: str = field(default="", metadata={"help": "UTC time the index was written."})
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.dimension, int) or self.dimension < 1:
-            raise ValueError(f"dimension must be a positive integer, got {self.dimension!r}.")
-        if not self.spt_embed_version:
-            from spt_embed._version import __version__
-
-            self.spt_embed_version = __version__
-
-    def check_same_model(self, other: IndexMetadata, what: str, other_what: str) -> None:
-        """ValueError unless both were built by the same model with the same query prompt."""
-        for name in ("fingerprint", "dimension", "query_prompt"):
-            mine, theirs = getattr(self, name), getattr(other, name)
-            if mine != theirs:
-                raise ValueError(
-                    f"{what} and {other_what} differ in {name}: {mine!r} (model {self.model!r}) vs {theirs!r} "
-                    f"(model {other.model!r}); they must come from the same model and query prompt."
-                )
 
 
 @dataclass(frozen=True)
@@ -332,62 +188,7 @@ class Index:
             meta = json.dumps(asdict(self.metadata), indent=2, ensure_ascii=False)
             (folder / META_FILE).write_text(meta + "\n", encoding="utf-8")
 
-        return atomic_write_dir(Path(path), write, overwrite=overwrite, marker=META_FILE)
-
-
-def atomic_write_dir(target: Path, write: Callable[[Path], None], *, overwrite: bool, marker: str) -> Path:
-    """Let `write` fill a temporary folder next to `target`, then swap it in with renames.
-
-    The previous folder is renamed to `.NAME.previous` for the instant between the two renames; load_index falls
-    back to it should a crash happen exactly there. `marker` is a file every folder of this kind has: a folder
-    without it is never replaced.
-    """
-    target = Path(target).expanduser()
-    if target.exists():
-        if not overwrite:
-            raise FileExistsError(f"{target} exists; pass overwrite=True (CLI: --overwrite) to replace it.")
-        if not (target / marker).is_file():
-            raise FileExistsError(f"{target} exists and has no {marker}: refusing to replace a folder of another kind.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir (not mkdtemp, which makes it private) so that the folder gets the usual permissions.
-    temporary = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    temporary.mkdir()
-    try:
-        write(temporary)
-        for file in temporary.iterdir():  # on disk before the rename makes them visible
-            with file.open("rb") as handle:
-                os.fsync(handle.fileno())
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    previous = _previous(target)
-    if target.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        os.replace(target, previous)
-        os.replace(temporary, target)
-        shutil.rmtree(previous)
-    else:
-        os.replace(temporary, target)
-    return target
-
-
-def _previous(target: Path) -> Path:
-    return target.parent / f".{target.name}.previous"
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is corrupted ({exc}).") from None
-
-
-def read_metadata(folder: Path) -> IndexMetadata:
-    data = _read_json(folder / META_FILE)
-    known = {f.name for f in fields(IndexMetadata)}
-    if not isinstance(data, dict) or sorted(set(data) - known):
-        raise ValueError(f"{folder / META_FILE} is not index metadata written by this spt-embed version.")
-    return IndexMetadata(**data)
+        return atomic_folder(path, write, overwrite=overwrite, marker=META_FILE)
 
 
 def load_index(path: str | os.PathLike, *, model=None) -> Index:
@@ -395,15 +196,16 @@ def load_index(path: str | os.PathLike, *, model=None) -> Index:
     import faiss
 
     folder = Path(path).expanduser()
-    if not folder.exists() and (_previous(folder) / META_FILE).is_file():
-        logger.warning("%s is missing but %s exists (a save was interrupted); loading that.", folder, _previous(folder))
-        folder = _previous(folder)
+    previous = previous_folder(folder)
+    if not folder.exists() and (previous / META_FILE).is_file():
+        logger.warning("%s is missing but %s exists (a save was interrupted); loading that.", folder, previous)
+        folder = previous
     if not (folder / META_FILE).is_file():
-        shard = (folder / "shard.json").is_file()
+        shard = (folder / SHARD_FILE).is_file()
         hint = " It is a shard folder: combine shards with `spt-embed index-merge`." if shard else ""
         raise FileNotFoundError(f"{folder} is not an index folder (no {META_FILE}).{hint}")
     metadata = read_metadata(folder)
-    ids = _read_json(folder / IDS_FILE)
+    ids = read_json(folder / IDS_FILE)
     if not isinstance(ids, list) or not all(isinstance(doc_id, str) for doc_id in ids):
         raise ValueError(f"{folder / IDS_FILE} must be a JSON list of string ids.")
     offsets = np.load(folder / OFFSETS_FILE) if (folder / OFFSETS_FILE).is_file() else None
@@ -464,7 +266,7 @@ def build_index(
         if not isinstance(text, str):
             raise TypeError(f"Text {position} is {type(text).__name__}, expected str.")
     check_unique_ids(ids)
-    from spt_embed.model.encoder import weights_dtype
+    from spt_embed.model.dtypes import weights_dtype
 
     fingerprint, backbone = model_fingerprint(model)
     metadata = IndexMetadata(
@@ -472,7 +274,7 @@ def build_index(
         dimension=model.get_embedding_dimension(),
         model=model_spec,
         backbone_fingerprint=backbone,
-        index_type=str(getattr(index_type, "value", index_type)),
+        index_type=enum_text(index_type),
         query_prompt=query_prompt,
         dtype=weights_dtype(model),
     )

@@ -2,7 +2,8 @@
 
 Every loader returns a ``datasets.Dataset`` whose columns are exactly ``anchor, positive`` or
 ``anchor, positive, negative`` (in that order, all strings): the layout sentence-transformers'
-MultipleNegativesRankingLoss reads by position. ``load_sts`` reads STS-B for evaluation.
+MultipleNegativesRankingLoss reads by position. ``datasets`` and pyarrow are imported inside the functions that read
+data, so that PRESETS (names and descriptions, shown by `spt-embed train --help`) imports without them.
 """
 
 from __future__ import annotations
@@ -12,19 +13,20 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
-import pyarrow as pa
-import pyarrow.compute as pc
+from spt_embed.datafiles import data_file, parse_score, read_lines, read_stsb, tsv_rows
+
+if TYPE_CHECKING:
+    import datasets
+    import pyarrow as pa
 
 logger = logging.getLogger(__name__)
 
-DATA_ENV = "SPT_EMBED_DATA"
 ROLES = ("anchor", "positive", "negative")
 # Threshold on the 0-5 (STS-B) / 1-5 (SICK) gold scales above which a pair counts as a positive:
 # 4 is "mostly equivalent, some unimportant details differ" in the STS annotation guidelines.
 MIN_PAIR_SCORE = 4.0
-STS_SPLITS = ("train", "dev", "test")
 
 # load_dataset builder per file suffix, with the reader options it needs.
 _FILE_KINDS: dict[str, tuple[str, dict]] = {
@@ -52,84 +54,6 @@ _COLUMN_HINT = (
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data folder
-
-
-def data_root() -> Path:
-    """The bundled data folder: $SPT_EMBED_DATA if set, else the repository's ``data/``."""
-    env = os.environ.get(DATA_ENV)
-    root = Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "data"
-    if not root.is_dir():
-        origin = f"from ${DATA_ENV}" if env else "the repository's data/ folder"
-        raise FileNotFoundError(
-            f"Data folder {root} ({origin}) does not exist. Set {DATA_ENV} to a folder laid out like the "
-            f"repository's data/ (stsb/, sick/, snli_senteval/, senteval_transfer/, wiki1m_prefix/; see "
-            f"data/SOURCES.md), or run from a source checkout of spt-embed."
-        )
-    return root
-
-
-def _data_file(relative: str) -> Path:
-    root = data_root()
-    path = root / relative
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{relative} is missing from the data folder {root}. Restore it from the repository (data/SHA256SUMS "
-            f"lists every file) or point {DATA_ENV} at a complete copy."
-        )
-    return path
-
-
-def _read_lines(path: Path, *, encoding: str = "utf-8") -> list[str]:
-    """Lines without their terminators. Splits on '\\n' only: str.splitlines() and universal-newline mode would
-    also break on characters such as U+2028 or a lone '\\r' that can occur inside a sentence."""
-    try:
-        text = path.read_bytes().decode(encoding)
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not {encoding} text ({exc}).") from None
-    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
-    if lines and lines[-1] == "":  # the piece after the final newline
-        lines.pop()
-    return lines
-
-
-def _tsv_rows(path: Path, *, min_fields: int, header: bool, encoding: str = "utf-8"):
-    """(1-based line number, fields) of a tab-separated file, split on tabs only: these files contain unescaped
-    quotes that a CSV parser would misread. Blank lines are skipped."""
-    lines = _read_lines(path, encoding=encoding)
-    for number, line in enumerate(lines[1:] if header else lines, start=2 if header else 1):
-        if not line.strip():
-            continue
-        fields_ = line.split("\t")
-        if len(fields_) < min_fields:
-            raise ValueError(
-                f"{path}:{number}: expected at least {min_fields} tab-separated fields, got {len(fields_)}."
-            )
-        yield number, fields_
-
-
-def _score(text: str, path: Path, number: int) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"{path}:{number}: score {text!r} is not a number.") from None
-
-
-def _read_stsb(path: Path) -> tuple[list[str], list[str], list[float]]:
-    # No header; fields: genre, source file, year, id, score, sentence1, sentence2 (+ up to 2 trailing fields on
-    # some rows, which are ignored).
-    s1, s2, scores = [], [], []
-    for number, fields_ in _tsv_rows(path, min_fields=7, header=False):
-        score = _score(fields_[4], path, number)
-        if not 0.0 <= score <= 5.0:
-            raise ValueError(f"{path}:{number}: score {score} is outside STS-B's 0-5 range.")
-        s1.append(fields_[5])
-        s2.append(fields_[6])
-        scores.append(score)
-    return s1, s2, scores
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Presets
 
 
@@ -144,7 +68,7 @@ class Preset:
 
     def load(self, *, limit: int | None = None) -> datasets.Dataset:
         """The preset's rows in the anchor/positive[/negative] schema, cleaned like a user file."""
-        path = _data_file(self.path)
+        path = data_file(self.path)
         raw = self.read(path)
         mapping = {role: role for role in ROLES if role in raw.column_names}
         return _to_schema(raw, f"preset {self.name!r} ({path})", mapping, limit)
@@ -163,34 +87,40 @@ def _read_snli_triplets(path: Path) -> datasets.Dataset:
 def _read_mrpc(path: Path) -> datasets.Dataset:
     # Header "Quality  #1 ID  #2 ID  #1 String  #2 String" behind a UTF-8 BOM (utf-8-sig drops it).
     anchors, positives = [], []
-    for number, fields_ in _tsv_rows(path, min_fields=5, header=True, encoding="utf-8-sig"):
+    for number, fields_ in tsv_rows(path, min_fields=5, header=True, encoding="utf-8-sig"):
         if fields_[0] not in ("0", "1"):
             raise ValueError(f"{path}:{number}: Quality must be 0 or 1, got {fields_[0]!r}.")
         if fields_[0] == "1":
             anchors.append(fields_[3])
             positives.append(fields_[4])
-    return datasets.Dataset.from_dict({"anchor": anchors, "positive": positives})
+    return _pairs(anchors, positives)
 
 
 def _read_stsb_pairs(path: Path) -> datasets.Dataset:
-    s1, s2, scores = _read_stsb(path)
+    s1, s2, scores = read_stsb(path)
     keep = [i for i, score in enumerate(scores) if score >= MIN_PAIR_SCORE]
-    return datasets.Dataset.from_dict({"anchor": [s1[i] for i in keep], "positive": [s2[i] for i in keep]})
+    return _pairs([s1[i] for i in keep], [s2[i] for i in keep])
 
 
 def _read_sick_pairs(path: Path) -> datasets.Dataset:
     # Header: pair_ID, sentence_A, sentence_B, relatedness_score (1-5), entailment_judgment.
     anchors, positives = [], []
-    for number, fields_ in _tsv_rows(path, min_fields=4, header=True):
-        if _score(fields_[3], path, number) >= MIN_PAIR_SCORE:
+    for number, fields_ in tsv_rows(path, min_fields=4, header=True):
+        if parse_score(fields_[3], path, number) >= MIN_PAIR_SCORE:
             anchors.append(fields_[1])
             positives.append(fields_[2])
-    return datasets.Dataset.from_dict({"anchor": anchors, "positive": positives})
+    return _pairs(anchors, positives)
 
 
 def _read_sentences(path: Path) -> datasets.Dataset:
-    lines = _read_lines(path)
-    return datasets.Dataset.from_dict({"anchor": lines, "positive": lines})
+    lines = read_lines(path)
+    return _pairs(lines, lines)
+
+
+def _pairs(anchors: list[str], positives: list[str]) -> datasets.Dataset:
+    import datasets
+
+    return datasets.Dataset.from_dict({"anchor": anchors, "positive": positives})
 
 
 # Only training-safe splits: STS-B dev selects models; STS-B/SICK/SciFact/Banking77 test sets are for reporting.
@@ -246,6 +176,8 @@ def _accepted_forms() -> str:
 
 def _read_file(path: Path, name: str) -> datasets.Dataset:
     """A file or saved-dataset folder as it is, every column kept."""
+    import datasets
+
     if path.is_dir():
         try:
             loaded = datasets.load_from_disk(str(path))
@@ -266,8 +198,8 @@ def _read_file(path: Path, name: str) -> datasets.Dataset:
     kind = _FILE_KINDS.get(path.suffix.lower())
     if kind is None:
         raise ValueError(
-            f"{name}: unsupported file type {repr(path.suffix) if path.suffix else '(no suffix)'}. Training data must be "
-            f"{_accepted_forms()}."
+            f"{name}: unsupported file type {repr(path.suffix) if path.suffix else '(no suffix)'}. Training data "
+            f"must be {_accepted_forms()}."
         )
     builder, options = kind
     try:
@@ -341,6 +273,9 @@ def _short_repr(value: object, width: int = 60) -> str:
 
 def _text_column(dataset: datasets.Dataset, table: pa.Table, column: str, name: str) -> pa.ChunkedArray:
     """`column` as Arrow strings (nulls allowed); ValueError at the first value that is not text."""
+    import datasets
+    import pyarrow as pa
+
     feature = dataset.features[column]
     if isinstance(feature, datasets.Value) and feature.dtype in _STRING_DTYPES:
         # Normalised to one string type so that sources can be concatenated (string vs large_string would clash).
@@ -366,6 +301,10 @@ def _check_limit(limit: int | None) -> None:
 
 def _to_schema(dataset: datasets.Dataset, name: str, mapping: dict[str, str], limit: int | None) -> datasets.Dataset:
     """Validate the mapped columns, drop rows with empty text, keep the first `limit` rows, rename to the roles."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     _check_limit(limit)
     # Arrow format honours any indices mapping (a saved shuffled/selected dataset) and reads without copying.
     table = dataset.with_format("arrow")[:]
@@ -422,57 +361,3 @@ def load_pairs(
     raw = _read_file(Path(name).expanduser(), name)
     mapping = _resolve_columns(list(raw.column_names), name, anchor, positive, negative)
     return _to_schema(raw, name, mapping, limit)
-
-
-def load_training_data(
-    sources: list[str],
-    *,
-    anchor: str | None = None,
-    positive: str | None = None,
-    negative: str | None = None,
-    limit: int | None = None,
-    seed: int = 0,
-) -> datasets.Dataset:
-    """Several sources (presets or files) concatenated and shuffled with `seed`.
-
-    Column names apply to the file sources (presets have their own). When only some sources have hard negatives,
-    the negative column is dropped (MultipleNegativesRankingLoss needs one layout per batch). `limit` keeps the
-    first `limit` rows of the shuffled mix, i.e. a seeded random sample across all sources.
-    """
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    if not sources:
-        raise ValueError(f"No training data: pass at least one source (CLI: --data), {_accepted_forms()}.")
-    _check_limit(limit)
-    parts = []
-    for source in sources:
-        if isinstance(source, str) and source in PRESETS:
-            part = PRESETS[source].load()
-        else:
-            part = load_pairs(source, anchor=anchor, positive=positive, negative=negative)
-        logger.info("%s: %d rows, columns %s", os.fspath(source), len(part), part.column_names)
-        parts.append(part)
-    has_negative = ["negative" in part.column_names for part in parts]
-    if any(has_negative) and not all(has_negative):
-        logger.info(
-            "Dropping the negative column: %s have hard negatives but %s do not, and all rows must share one layout.",
-            [os.fspath(s) for s, neg in zip(sources, has_negative) if neg],
-            [os.fspath(s) for s, neg in zip(sources, has_negative) if not neg],
-        )
-        parts = [part.remove_columns("negative") if "negative" in part.column_names else part for part in parts]
-    dataset = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    # In memory: these tables are, and a saved dataset's folder must not receive an indices cache file.
-    dataset = dataset.shuffle(seed=seed, keep_in_memory=True).flatten_indices(keep_in_memory=True)
-    if limit is not None and limit < len(dataset):
-        dataset = dataset.select(range(limit))
-    return dataset
-
-
-def load_sts(split: str = "dev") -> tuple[list[str], list[str], list[float]]:
-    """STS-B `split` ("train", "dev" or "test") from data_root()/stsb: sentence1s, sentence2s, gold scores 0-5.
-
-    Dev is for model selection and test for reporting; neither is ever a training preset.
-    """
-    if split not in STS_SPLITS:
-        raise ValueError(f"STS-B split {split!r} does not exist; choose one of {', '.join(STS_SPLITS)}.")
-    return _read_stsb(_data_file(f"stsb/sts-{split}.csv"))

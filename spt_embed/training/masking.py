@@ -141,8 +141,16 @@ def _batch_generator(seed: int, input_ids: torch.Tensor) -> torch.Generator:
 
 
 def mntp_loss(logits: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of logits (B, L, V) against labels (B, L) that shifted_labels already aligned: no shift here."""
-    keep = labels != IGNORE
+    """Cross-entropy of logits (B, L, V) against labels (B, L) that shifted_labels already aligned: no shift here.
+
+    Also takes logits (N, V) already gathered at the N target positions with their labels (N,), as training
+    computes them (see spt_embed.training.mntp.target_logits).
+    """
+    keep = labels != IGNORE  # (B, L) or (N,)
     if not keep.any():  # a batch of one-token texts: nothing to predict
         return logits.sum() * 0.0
-    return F.cross_entropy(logits[keep].float(), labels[keep], reduction=reduction)
+    if keep.all():  # every position is a target: a view, not a copy of the (N, V) logits
+        logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    else:
+        logits, labels = logits[keep], labels[keep]
+    return F.cross_entropy(logits.float(), labels, reduction=reduction)

@@ -12,38 +12,35 @@ Choices a user should know about:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import enum
 import json
 import logging
 import os
 import random
 import shutil
-import tempfile
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
-from spt_embed.training.masking import IGNORE, MNTPCollator, resolve_mask_token_id, tokenize_corpus
+from spt_embed.atomic import fsync_tree, staging_folder, write_json
+from spt_embed.recipe import is_main_process, resume_checkpoint
+from spt_embed.training.masking import IGNORE, MNTPCollator, mntp_loss, resolve_mask_token_id, tokenize_corpus
 from spt_embed.training.mntp_config import MNTP_CONFIG_NAME, WIKI1M, MNTPConfig
 
 logger = logging.getLogger(__name__)
 
 EVAL_NAME = "mntp_eval.json"
 LOG_NAME = "mntp_log.jsonl"
-CHECKPOINTS = "checkpoints"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's LoRA file inside each checkpoint
 WIKI1M_FILE = "wiki1m_prefix/wiki1m_for_simcse.first11914lines.txt"
 
 
 def load_corpus(corpus: str | os.PathLike, *, text_field: str = "text") -> list[str]:
     """Non-empty texts of a plain-text or jsonl file ('wiki1m': the bundled sample); blank lines are dropped."""
-    from spt_embed.training.data import data_root
     from spt_embed.cli.texts import read_texts
+    from spt_embed.datafiles import data_root
 
     path = data_root() / WIKI1M_FILE if str(corpus) == WIKI1M else Path(corpus).expanduser()
     texts = [text for text in read_texts(path, text_field=text_field) if text.strip()]
@@ -80,7 +77,7 @@ def heldout_metrics(model, rows, collator: MNTPCollator, batch_size: int, seed: 
         logits, targets = target_logits(
             model, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device)
         )
-        total += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+        total += float(mntp_loss(logits, targets, reduction="sum"))
         correct += int((logits.argmax(-1) == targets).sum())
         count += len(targets)
     model.train(was_training)
@@ -99,10 +96,7 @@ class MNTPTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logits, targets = target_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
-        if not len(targets):  # a batch of one-token texts: nothing to predict
-            loss = logits.sum() * 0.0
-        else:
-            loss = F.cross_entropy(logits.float(), targets)
+        loss = mntp_loss(logits, targets)
         return (loss, {"logits": logits}) if return_outputs else loss
 
 
@@ -111,7 +105,7 @@ def load_causal_lm(spec: str):
     fingerprint (equal to load_backbone(spec).ref.fingerprint)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from spt_embed.model.backbone import fingerprint, gguf_cache_path, resolve_source
+    from spt_embed.model.backbone import ensure_pad_token, fingerprint, gguf_cache_path, resolve_source
     from spt_embed.model.bidirectional import check_supported, make_bidirectional
 
     kind, path = resolve_source(spec)
@@ -130,31 +124,8 @@ def load_causal_lm(spec: str):
         )
     make_bidirectional(model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"The tokenizer in {model_dir} has neither a pad nor an eos token; set pad_token first.")
-        tokenizer.pad_token = tokenizer.eos_token  # pads are masked out, any real id serves
+    ensure_pad_token(tokenizer, model_dir)
     return model, tokenizer, fingerprint(model.get_decoder())
-
-
-def latest_checkpoint(output: Path) -> Path | None:
-    """The newest checkpoint whose LoRA, optimiser and trainer state are all present and readable."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = output / CHECKPOINTS
-    candidates = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True)
-    for candidate in candidates:
-        try:
-            json.loads((candidate / "trainer_state.json").read_text())
-            load_file(str(candidate / "adapter_model.safetensors"))
-            if not (candidate / "optimizer.pt").is_file() or not (candidate / "scheduler.pt").is_file():
-                raise FileNotFoundError("optimizer or scheduler state missing")
-        except (OSError, ValueError, SafetensorError) as exc:
-            logger.warning("Skipping incomplete checkpoint %s (%s)", candidate, exc)
-            continue
-        return candidate
-    return None
 
 
 def check_resume(output: Path, config: MNTPConfig, base_fingerprint: str) -> None:
@@ -189,23 +160,19 @@ def mntp(
 ) -> Path:
     """Train LoRA with bidirectional MNTP, merge it and save the backbone to config.output; returns that folder.
 
-    `spt_embed.training.mntp.mntp(output="out/bi", corpus="texts.txt", max_steps=300)` takes the same options as the CLI.
+    `spt_embed.mntp(output="out/bi", corpus="texts.txt", max_steps=300)` takes the same options as the CLI.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import TrainingArguments, set_seed
 
-    from spt_embed.training.train import JsonlLogCallback, is_main_process
+    from spt_embed.model.backbone import attach_lora
+    from spt_embed.training.run_log import JsonlLogCallback
 
     config = dataclasses.replace(config, **options) if config is not None else MNTPConfig(**options)
     if not config.output:
         raise ValueError("No output folder: pass output='out/my-backbone' (CLI: --output).")
     output = Path(config.output)
-    has_checkpoints = (output / CHECKPOINTS).is_dir() and any((output / CHECKPOINTS).iterdir())
-    if not resume and has_checkpoints:
-        raise FileExistsError(
-            f"{output / CHECKPOINTS} already holds checkpoints; pass --resume to continue that run, or choose "
-            f"another --output (nothing was overwritten)."
-        )
+    checkpoint = resume_checkpoint(output, ADAPTER_WEIGHTS, resume=resume)
     if not resume and (output / "config.json").is_file():
         raise FileExistsError(f"{output} already holds a backbone; choose another --output (nothing was overwritten).")
 
@@ -217,9 +184,6 @@ def mntp(
         )
     model, tokenizer, base_fingerprint = load_causal_lm(config.backbone)
     mask_token_id = resolve_mask_token_id(tokenizer, config.mask_token)
-    checkpoint = latest_checkpoint(output) if resume else None
-    if resume and checkpoint is None:
-        logger.warning("--resume: no complete checkpoint in %s; starting from scratch.", output / CHECKPOINTS)
     if checkpoint is not None:
         check_resume(output, config, base_fingerprint)
 
@@ -260,30 +224,13 @@ def mntp(
         target_modules=list(config.lora_targets),
         bias="none",
     )
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as exc:
-        raise ValueError(f"LoRA could not be attached ({exc}); check --lora-targets {config.lora_targets}.") from None
+    model = attach_lora(model, lora)
     cuda = torch.cuda.is_available()
     args = TrainingArguments(
-        output_dir=str(output / CHECKPOINTS),
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.lr,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps,
-        lr_scheduler_type=config.scheduler.value,
-        logging_steps=config.logging_steps,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        seed=config.seed,
-        data_seed=config.seed,
+        **config.trainer_arguments(output),
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         remove_unused_columns=False,  # the collator needs special_tokens_mask, which the model does not take
-        report_to="none",
         use_cpu=not cuda,
-        disable_tqdm=not is_main_process(),
     )
     trainer = MNTPTrainer(
         model=model,
@@ -307,7 +254,7 @@ def mntp(
     }
     config.save(output, **result)
     evaluation = {"heldout_texts": len(eval_rows), "before": before, "after": after, "steps": result["steps"]}
-    (output / EVAL_NAME).write_text(json.dumps(evaluation, indent=2) + "\n", encoding="utf-8")
+    write_json(output / EVAL_NAME, evaluation)
     if before and after:
         logger.info(
             "Held-out MNTP loss: %.4f before, %.4f after %d steps", before["loss"], after["loss"], result["steps"]
@@ -324,64 +271,14 @@ def _fingerprint(model) -> str:
 
 def _save_backbone(model, tokenizer, output: Path) -> None:
     """Write the merged causal LM (safetensors, config.json with is_causal=false) and tokenizer into `output`,
-    staged first so that a failed save leaves no half-written model next to the checkpoints."""
-    staging = Path(tempfile.mkdtemp(dir=output, prefix=".staging-"))
+    staged first (and flushed to disk) so that a failed save leaves no half-written model next to the
+    checkpoints."""
+    staging = staging_folder(output, "backbone")
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        fsync_tree(staging)
         for item in staging.iterdir():
             os.replace(item, output / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Command line (wired into spt_embed.cli.main)
-
-
-def add_mntp_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `spt-embed mntp`: one flag per MNTPConfig field (unset flags leave the YAML recipe or the default)."""
-    parser = subparsers.add_parser(
-        "mntp",
-        help="bidirectional stage: LoRA + masked next-token prediction, merged into a new backbone",
-        description="Switch causal attention off, train LoRA with masked next-token prediction (LLM2Vec), merge "
-        "it and save the backbone; then: spt-embed train --backbone OUTPUT ...",
-    )
-    parser.add_argument("--config", help="YAML recipe; flags given on the command line override its values")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    for f in fields(MNTPConfig):
-        flags = ["--" + f.name.replace("_", "-")]
-        if f.name == "max_steps":
-            flags.append("--steps")
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        help_text = f"{f.metadata['help']} (default: {getattr(default, 'value', default)})"
-        if isinstance(default, bool):
-            parser.add_argument(
-                *flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-        elif isinstance(default, list):
-            parser.add_argument(*flags, dest=f.name, nargs="+", default=None, help=help_text)
-        elif isinstance(default, enum.Enum):
-            choices = [member.value for member in type(default)]
-            parser.add_argument(*flags, dest=f.name, choices=choices, default=None, help=help_text)
-        else:
-            annotation = str(f.type)  # a string under `from __future__ import annotations`, e.g. "int"
-            kind = int if annotation.startswith("int") else float if annotation.startswith("float") else str
-            parser.add_argument(*flags, dest=f.name, type=kind, default=None, help=help_text)
-    parser.set_defaults(func=run_mntp)
-    return parser
-
-
-def run_mntp(args: argparse.Namespace) -> None:
-    overrides = {f.name: getattr(args, f.name) for f in fields(MNTPConfig)}
-    config = MNTPConfig.from_sources(args.config, **overrides)
-    output = mntp(config, resume=args.resume)
-    evaluation_path = output / EVAL_NAME
-    if evaluation_path.is_file():
-        evaluation = json.loads(evaluation_path.read_text(encoding="utf-8"))
-        if evaluation["before"] and evaluation["after"]:
-            print(
-                f"held-out MNTP loss {evaluation['before']['loss']:.4f} -> {evaluation['after']['loss']:.4f} "
-                f"({evaluation['heldout_texts']} texts)"
-            )
-    print(f"saved the bidirectional backbone to {output}: spt-embed train --backbone {output} ...")

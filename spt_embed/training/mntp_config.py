@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from spt_embed.recipe import parse_enum
-from spt_embed.recipe import RecipeConfig, Scheduler
+from spt_embed.recipe import RecipeConfig, Scheduler, parse_enum
 
 MNTP_CONFIG_NAME = "mntp_config.json"
 WIKI1M = "wiki1m"  # the bundled corpus, see data/SOURCES.md

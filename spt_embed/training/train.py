@@ -10,28 +10,21 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import TrainerCallback
-
+from spt_embed.recipe import is_main_process, resume_checkpoint, world_size
+from spt_embed.training.run_log import JsonlLogCallback, plot_log
 from spt_embed.training.train_config import TRAIN_CONFIG_NAME, Method, TrainConfig
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 LOG_NAME = "train_log.jsonl"
 PLOT_NAME = "training.png"
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def checkpoint_weights(method: Method) -> str:
@@ -40,63 +33,6 @@ def checkpoint_weights(method: Method) -> str:
     from spt_embed.model.config import WEIGHTS_NAME
 
     return LORA_WEIGHTS if method is Method.LORA else WEIGHTS_NAME
-
-
-def latest_checkpoint(output: Path, method: Method = Method.SPT) -> Path | None:
-    """The newest checkpoint whose files are all complete; a half-written one (killed mid-save) is skipped."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = output / CHECKPOINTS
-    candidates = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]), reverse=True)
-    for candidate in candidates:
-        try:
-            json.loads((candidate / "trainer_state.json").read_text())
-            load_file(str(candidate / checkpoint_weights(method)))
-            if not (candidate / "optimizer.pt").is_file() or not (candidate / "scheduler.pt").is_file():
-                raise FileNotFoundError("optimizer or scheduler state missing")
-        except (OSError, ValueError, SafetensorError) as exc:
-            logger.warning("Skipping incomplete checkpoint %s (%s)", candidate, exc)
-            continue
-        return candidate
-    return None
-
-
-class JsonlLogCallback(TrainerCallback):
-    """Appends every trainer log (loss, lr, dev score) as one JSON line; survives kills and resumes."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and state.is_world_process_zero:
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-
-def plot_log(log_path: Path, out_path: Path, metric: str) -> None:
-    """Training loss and dev Spearman against steps, one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    loss = sorted({r["step"]: r["loss"] for r in records if "loss" in r}.items())
-    dev = sorted({r["step"]: r[metric] for r in records if metric in r}.items())
-    fig, ax_loss = plt.subplots(figsize=(7, 4))
-    if loss:
-        ax_loss.plot(*zip(*loss), color="tab:blue", label="train loss")
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("InfoNCE loss", color="tab:blue")
-    if dev:
-        ax_dev = ax_loss.twinx()
-        ax_dev.plot(*zip(*dev), "o-", color="tab:orange", label="STS-B dev Spearman")
-        ax_dev.set_ylabel("STS-B dev Spearman (cosine)", color="tab:orange")
-    ax_loss.set_title("spt-embed training")
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
 
 
 def build_loss(model, config: TrainConfig):
@@ -119,7 +55,7 @@ def build_loss(model, config: TrainConfig):
 def build_dev_evaluator(config: TrainConfig):
     from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
 
-    from spt_embed.training.data import load_sts
+    from spt_embed.datafiles import load_sts
 
     s1, s2, scores = load_sts("dev")
     if config.eval_pairs and config.eval_pairs < len(s1):
@@ -224,14 +160,7 @@ def train(
     output = Path(config.output)
     if resume:
         _check_resume_method(output, config)
-    checkpoint = latest_checkpoint(output, config.method) if resume else None
-    if resume and checkpoint is None:
-        logger.warning("--resume: no complete checkpoint in %s; starting from scratch.", output / CHECKPOINTS)
-    if not resume and (output / CHECKPOINTS).is_dir() and any((output / CHECKPOINTS).iterdir()):
-        raise FileExistsError(
-            f"{output / CHECKPOINTS} already holds checkpoints; pass --resume to continue that run, or choose "
-            f"another --output (nothing was overwritten)."
-        )
+    checkpoint = resume_checkpoint(output, checkpoint_weights(config.method), resume=resume)
     output.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         config.save(output)
@@ -243,32 +172,18 @@ def train(
     evaluating = config.eval_steps > 0
     cuda = _cuda()
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(output / CHECKPOINTS),
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.lr,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps,
-        lr_scheduler_type=config.scheduler.value,
-        logging_steps=config.logging_steps,
+        **config.trainer_arguments(output),
         eval_strategy="steps" if evaluating else "no",
         eval_steps=config.eval_steps or None,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
         load_best_model_at_end=evaluating,
         metric_for_best_model=DEV_METRIC if evaluating else None,
         greater_is_better=True,
-        seed=config.seed,
-        data_seed=config.seed,
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL,
         dataloader_drop_last=True,
-        report_to="none",
         use_cpu=not cuda,
         ddp_backend=None if cuda else ("gloo" if world_size() > 1 else None),
         ddp_find_unused_parameters=False,
-        disable_tqdm=not is_main_process(),
     )
     trainer = SentenceTransformerTrainer(
         model=model,

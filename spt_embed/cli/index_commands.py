@@ -8,18 +8,16 @@ import logging
 import re
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from spt_embed.cli.options import MODEL_HELP, add_dtype_argument
+from spt_embed.retrieval.corpus import CorpusFormat
+from spt_embed.retrieval.faiss_factory import IndexType
+from spt_embed.retrieval.metadata import DEFAULT_BLOCK_SIZE, OnDuplicate, ShardMetadata, read_metadata
 
-_MODEL_HELP = "adapter folder, bundled adapter name or SentenceTransformer folder"
+logger = logging.getLogger(__name__)
 
 
 def add_index_parsers(subparsers) -> None:
     """Add the three subcommands to the `spt-embed` subparsers; each sets `func` to its run function."""
-    from spt_embed.retrieval.corpus import CorpusFormat
-    from spt_embed.retrieval.index import IndexType
-    from spt_embed.model.encoder import add_dtype_argument
-    from spt_embed.retrieval.indexing import DEFAULT_BLOCK_SIZE, OnDuplicate
-
     presets = ", ".join(t.value for t in IndexType)
     duplicates = [p.value for p in OnDuplicate]
 
@@ -30,7 +28,7 @@ def add_index_parsers(subparsers) -> None:
         "one document per line, id = line number) into a FAISS index folder. Large corpora: run --shard i/N jobs "
         "anywhere, then `spt-embed index-merge`. A killed job rerun with the same command resumes.",
     )
-    idx.add_argument("--model", required=True, help=_MODEL_HELP)
+    idx.add_argument("--model", required=True, help=MODEL_HELP)
     idx.add_argument("--corpus", required=True, help="corpus: .jsonl, .csv, .tsv, else one doc per line")
     idx.add_argument("--output", required=True, help="index folder to write (with --shard: the shard folder)")
     idx.add_argument(
@@ -61,7 +59,7 @@ def add_index_parsers(subparsers) -> None:
     queries.add_argument("--query", action="append", help="a query text (repeat for several)")
     queries.add_argument("--queries", help="file of queries: one per line (blank lines skipped) or jsonl with text")
     sea.add_argument("--top-k", type=int, default=10, help="hits per query (clamped to the index size)")
-    sea.add_argument("--model", default=None, help=f"{_MODEL_HELP} (default: the one recorded in the index)")
+    sea.add_argument("--model", default=None, help=f"{MODEL_HELP} (default: the one recorded in the index)")
     sea.add_argument("--corpus", default=None, help="corpus file for snippets if it moved (default: the recorded one)")
     sea.add_argument("--snippet-chars", type=int, default=100, help="characters of document text shown; 0: none")
     sea.add_argument("--json", action="store_true", help="one JSON line per query instead of a table")
@@ -104,13 +102,9 @@ def run_index(args: argparse.Namespace) -> None:
         dtype=args.dtype,
     )
     if args.shard is not None:
-        from spt_embed.retrieval.indexing import ShardMetadata
-
         meta = ShardMetadata.load(output)
         print(f"shard {meta.shard}: {meta.count} documents in {output}; merge all shards with `spt-embed index-merge`")
     else:
-        from spt_embed.retrieval.index import read_metadata
-
         meta = read_metadata(output)
         print(f"wrote {output}: {meta.count} documents, {meta.factory}, dimension {meta.dimension}")
 

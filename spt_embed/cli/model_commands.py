@@ -1,0 +1,94 @@
+"""`spt-embed encode`, `info` and `export`: argument parsers and thin run functions over one encoder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from spt_embed.cli.options import MODEL_HELP, add_dtype_argument
+
+
+def add_encode_parser(subparsers) -> None:
+    enc = subparsers.add_parser("encode", help="encode texts to a .npy matrix (one row per input text)")
+    enc.add_argument("--model", required=True, help=MODEL_HELP)
+    enc.add_argument("--input", required=True, help="texts: one per line, or .jsonl with a text field")
+    enc.add_argument("--output", required=True, help="where to write the (N, dim) float32 .npy")
+    enc.add_argument("--text-field", default="text", help="jsonl field holding the text (default: text)")
+    enc.add_argument("--prompt", default=None, help="instruction prepended to every text")
+    enc.add_argument("--batch-size", type=int, default=32)
+    add_dtype_argument(enc)
+    enc.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    enc.set_defaults(func=run_encode)
+
+
+def add_info_parser(subparsers) -> None:
+    info = subparsers.add_parser("info", help="describe an adapter: backbone, K, trainable parameters")
+    info.add_argument("model", help="adapter folder or bundled adapter name")
+    info.set_defaults(func=run_info)
+
+
+def add_export_parser(subparsers) -> None:
+    exp = subparsers.add_parser(
+        "export", help="write a plain SentenceTransformer folder (no custom code needed to load)"
+    )
+    exp.add_argument("model", help="adapter folder or bundled adapter name")
+    exp.add_argument("output", help="output folder")
+    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    exp.set_defaults(func=run_export)
+
+
+def run_encode(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from spt_embed.atomic import atomic_file
+    from spt_embed.cli.texts import read_texts
+    from spt_embed.model.encoder import open_encoder
+
+    output = Path(args.output)
+    if output.suffix != ".npy":
+        raise ValueError(f"--output must end in .npy, got {output}.")
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it.")
+    texts = read_texts(args.input, text_field=args.text_field)
+    model = open_encoder(args.model, dtype=args.dtype)
+    embeddings = model.encode(
+        texts, batch_size=args.batch_size, prompt=args.prompt, show_progress_bar=True, convert_to_numpy=True
+    )
+    with atomic_file(output, "wb") as handle:  # an interrupted run never leaves a truncated .npy
+        np.save(handle, embeddings.astype(np.float32))
+    print(f"wrote {embeddings.shape[0]} x {embeddings.shape[1]} embeddings to {output}")
+
+
+def run_info(args: argparse.Namespace) -> None:
+    from spt_embed.model.encoder import load
+
+    model = load(args.model)
+    module = model.prompt_module
+    ref, cfg = module.backbone_ref, module.spt_config
+    trainable = module.soft_prompt.numel()
+    total = trainable + sum(p.numel() for p in module.backbone.parameters())
+    rows = [
+        ("backbone", ref.source),
+        ("model type", ref.model_type),
+        ("fingerprint", ref.fingerprint),
+        ("attention", "causal" if module.is_causal else "bidirectional"),
+        ("hidden size", f"{ref.hidden_size}"),
+        ("soft tokens (K)", f"{cfg.num_tokens}"),
+        ("placement", cfg.placement.value),
+        ("init", cfg.init.value + (f" ({cfg.init_text!r})" if cfg.init.value == "text" else "")),
+        ("max length", f"{cfg.max_length} (text + soft tokens)"),
+        ("normalised", "yes" if len(model) > 1 else "no"),
+        ("trainable parameters", f"{trainable:,}"),
+        ("total parameters", f"{total:,}"),
+        ("trainable share", f"{100 * trainable / total:.4f} %"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from spt_embed.model.export import export
+
+    out = export(args.model, args.output, overwrite=args.overwrite)
+    print(f"exported {args.model} to {out}: load it with SentenceTransformer({str(out)!r})")

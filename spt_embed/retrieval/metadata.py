@@ -1,0 +1,143 @@
+"""What index and shard folders hold: their file names and the JSON records of how they were made.
+
+Kept free of torch and faiss, so that the command line can name the choices and defaults cheaply.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from spt_embed.atomic import write_text
+from spt_embed.recipe import parse_enum
+from spt_embed.retrieval.corpus import Shard
+from spt_embed.retrieval.faiss_factory import IndexType
+
+# An index folder (see spt_embed.retrieval.index).
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.json"
+OFFSETS_FILE = "offsets.npy"
+META_FILE = "index_meta.json"
+# A shard folder (see spt_embed.retrieval.shards).
+SHARD_FILE = "shard.json"
+PARTS_DIR = "parts"
+DEFAULT_BLOCK_SIZE = 1024
+
+
+class OnDuplicate(str, enum.Enum):
+    ERROR = "error"  # stop, naming the id and where both copies are
+    KEEP_FIRST = "keep-first"  # keep the first copy (file order; shard order in a merge), log the others
+
+
+def _stamp_version(record: Any) -> None:
+    if not record.spt_embed_version:
+        from spt_embed._version import __version__
+
+        record.spt_embed_version = __version__
+
+
+@dataclass
+class IndexMetadata:
+    """What built an index; `index_meta.json`."""
+
+    fingerprint: str = field(metadata={"help": "model_fingerprint() of the encoder that built the index."})
+    dimension: int = field(metadata={"help": "Embedding width."})
+    count: int = field(default=0, metadata={"help": "Number of documents."})
+    model: str = field(default="", metadata={"help": "Model spec to reopen the encoder with (open_encoder)."})
+    backbone_fingerprint: str = field(default="", metadata={"help": "SPT only: the frozen backbone's fingerprint."})
+    index_type: str = field(default="flat", metadata={"help": "Preset (flat, hnsw, ivfpq) or factory string asked."})
+    factory: str = field(default="Flat", metadata={"help": "The FAISS factory string actually built."})
+    query_prompt: str | None = field(default=None, metadata={"help": "Text prepended to every query, never to docs."})
+    dtype: str = field(default="float32", metadata={"help": "Weights' dtype of the encoder; queries are encoded in it."})
+    corpus: dict[str, Any] | None = field(default=None, metadata={"help": "CorpusSpec of the indexed file, if one."})
+    spt_embed_version: str = field(default="", metadata={"help": "Library version that wrote the index."})
+    faiss_version: str = field(default="", metadata={"help": "FAISS version that wrote the index."})
+    created: str = field(default="", metadata={"help": "UTC time the index was written."})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dimension, int) or self.dimension < 1:
+            raise ValueError(f"dimension must be a positive integer, got {self.dimension!r}.")
+        _stamp_version(self)
+
+    def check_same_model(self, other: IndexMetadata, what: str, other_what: str) -> None:
+        """ValueError unless both were built by the same model with the same query prompt."""
+        for name in ("fingerprint", "dimension", "query_prompt"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                raise ValueError(
+                    f"{what} and {other_what} differ in {name}: {mine!r} (model {self.model!r}) vs {theirs!r} "
+                    f"(model {other.model!r}); they must come from the same model and query prompt."
+                )
+
+
+@dataclass
+class ShardMetadata:
+    """`shard.json`: what a shard folder holds and how it was made (all of it must match to resume or merge)."""
+
+    fingerprint: str = field(metadata={"help": "model_fingerprint() of the encoder."})
+    dimension: int = field(metadata={"help": "Embedding width."})
+    corpus: dict[str, Any] = field(metadata={"help": "CorpusSpec of the corpus file (absolute path)."})
+    shard: str = field(default="0/1", metadata={"help": "i/N: the records r with r % N == i."})
+    model: str = field(default="", metadata={"help": "Model spec the encoder was opened from."})
+    backbone_fingerprint: str = field(default="", metadata={"help": "SPT only: the backbone's fingerprint."})
+    query_prompt: str | None = field(default=None, metadata={"help": "Query prompt the index will apply."})
+    dtype: str = field(default="float32", metadata={"help": "Weights' dtype of the encoder (resume in the same)."})
+    index_type: str = field(default=IndexType.FLAT.value, metadata={"help": "Index type the merge builds by default."})
+    block_size: int = field(default=DEFAULT_BLOCK_SIZE, metadata={"help": "Documents per part (resume granularity)."})
+    on_duplicate: str = field(default=OnDuplicate.ERROR.value, metadata={"help": "error or keep-first."})
+    complete: bool = field(default=False, metadata={"help": "True once every part is written."})
+    count: int = field(default=0, metadata={"help": "Documents in the shard (once complete)."})
+    parts: int = field(default=0, metadata={"help": "Number of parts (once complete)."})
+    spt_embed_version: str = field(default="", metadata={"help": "Library version that wrote the shard."})
+
+    def __post_init__(self) -> None:
+        Shard.parse(self.shard)
+        self.on_duplicate = parse_enum(OnDuplicate, self.on_duplicate, "on_duplicate").value
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}.")
+        _stamp_version(self)
+
+    def save(self, folder: Path) -> None:
+        write_text(folder / SHARD_FILE, json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> ShardMetadata:
+        path = Path(folder) / SHARD_FILE
+        if not path.is_file():
+            hint = " It is an index folder, not a shard." if (Path(folder) / META_FILE).is_file() else ""
+            raise FileNotFoundError(f"{folder} is not a shard folder (no {SHARD_FILE}).{hint}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**{key: value for key, value in data.items() if key in {f.name for f in fields(cls)}})
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
+            raise ValueError(f"{path} is corrupted ({exc}).") from None
+
+    def index_metadata(self, index_type: str) -> IndexMetadata:
+        return IndexMetadata(
+            fingerprint=self.fingerprint,
+            dimension=self.dimension,
+            model=self.model,
+            backbone_fingerprint=self.backbone_fingerprint,
+            index_type=index_type,
+            query_prompt=self.query_prompt,
+            corpus=self.corpus,
+            dtype=self.dtype,
+        )
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is corrupted ({exc}).") from None
+
+
+def read_metadata(folder: Path) -> IndexMetadata:
+    data = read_json(folder / META_FILE)
+    known = {f.name for f in fields(IndexMetadata)}
+    if not isinstance(data, dict) or sorted(set(data) - known):
+        raise ValueError(f"{folder / META_FILE} is not index metadata written by this spt-embed version.")
+    return IndexMetadata(**data)

@@ -1,0 +1,52 @@
+"""A run's log: every trainer log (loss, learning rate, dev score) appended as one JSON line, and its plot.
+
+Both `spt-embed train` and `spt-embed mntp` hand `JsonlLogCallback` to their trainer; lines are appended, so the
+log survives kills and continues on resume.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from spt_embed.atomic import atomic_file
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Appends every trainer log (loss, lr, dev score) as one JSON line; survives kills and resumes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def plot_log(log_path: Path, out_path: Path, metric: str) -> None:
+    """Training loss and dev Spearman against steps, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    loss = sorted({r["step"]: r["loss"] for r in records if "loss" in r}.items())
+    dev = sorted({r["step"]: r[metric] for r in records if metric in r}.items())
+    fig, ax_loss = plt.subplots(figsize=(7, 4))
+    if loss:
+        ax_loss.plot(*zip(*loss), color="tab:blue", label="train loss")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("InfoNCE loss", color="tab:blue")
+    if dev:
+        ax_dev = ax_loss.twinx()
+        ax_dev.plot(*zip(*dev), "o-", color="tab:orange", label="STS-B dev Spearman")
+        ax_dev.set_ylabel("STS-B dev Spearman (cosine)", color="tab:orange")
+    ax_loss.set_title("spt-embed training")
+    fig.tight_layout()
+    with atomic_file(out_path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=120)
+    plt.close(fig)
