@@ -301,3 +301,7 @@ def load_task_data(task: mteb.AbsTask) -> None:
             f"({type(exc).__name__}: {exc}). Built-in tasks download from the Hugging Face hub; offline, use a local "
             f"task: {', '.join(LOCAL_TASKS)}."
         ) from exc
+
+
+# The SentEval transfer tasks register themselves on import; they subclass this module's _LocalTask.
+from spt_embed.evaluation import senteval_tasks  # noqa: E402,F401
