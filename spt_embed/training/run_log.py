@@ -1,12 +1,15 @@
 """A run's log: every trainer log (loss, learning rate, dev score) appended as one JSON line, and its plot.
 
 Both `spt-embed train` and `spt-embed mntp` hand `JsonlLogCallback` to their trainer; lines are appended, so the
-log survives kills and continues on resume.
+log survives kills and continues on resume. Each line carries its wall-clock `time` (Unix seconds), from which
+`training_minutes` recovers the time spent training at each step: the clock between logs, less the dev
+evaluations' own runtime, summed over every (resumed) segment of the run.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -20,10 +23,35 @@ class JsonlLogCallback(TrainerCallback):
     def __init__(self, path: Path):
         self.path = path
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # marks where a (resumed) segment of training starts
+            self._append({"step": state.global_step, "event": "train_begin"})
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and state.is_world_process_zero:
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+            self._append({"step": state.global_step, **logs})
+
+    def _append(self, record: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+
+
+def training_minutes(records: list[dict]) -> list[tuple[int, float]]:
+    """(step, minutes of training so far) at each logged step: wall-clock between log lines, less dev evaluation
+    runtimes, with the gap before each `train_begin` (loading, a kill, a resume) not counted."""
+    points: list[tuple[int, float]] = []
+    seconds, last = 0.0, None
+    for record in records:
+        if "time" not in record:
+            continue
+        if record.get("event") == "train_begin":
+            last = record["time"]
+            continue
+        if last is not None:
+            seconds += record["time"] - last - record.get("eval_runtime", 0.0)
+        last = record["time"]
+        points.append((record["step"], seconds / 60))
+    return points
 
 
 def plot_log(log_path: Path, out_path: Path, metric: str) -> None:
