@@ -1,0 +1,181 @@
+"""The budget protocol: train every run of a comparison on the same data under the same wall-clock budget, select on
+STS-B dev, evaluate through `spt-embed eval`, and write one results file and the learning-curve picture.
+
+    python train/compare.py train/configs/compare.yaml                 # every run (finished ones are reused)
+    python train/compare.py train/configs/compare.yaml --only spt-lr1e-2 lora-lr2e-4
+    python train/compare.py train/configs/compare.yaml --report        # table + plot from what is there
+
+The spec (YAML):
+    budget_minutes: 60            # training wall-clock per run (dev evaluations and checkpoint saves not counted)
+    output: out/compare           # runs land in OUTPUT/NAME, their evaluations in OUTPUT/NAME/eval
+    results: train/results/compare   # RESULTS.jsonl (one line per run), RESULTS.md (table), RESULTS.png (curves)
+    eval_tasks: [STSBenchmark, SICK-R, SciFact, Banking77Classification]
+    eval_dtype: bfloat16
+    runs:
+      - name: spt-lr1e-2
+        config: train/configs/smollm2-nli.yaml
+        overrides: {max_steps: 600, lr: 1.0e-2, eval_steps: 100, save_steps: 100, eval_pairs: 0}
+
+A run stops at `max_steps` or when its training time reaches the budget, whichever comes first (the log says
+which); its learning-rate schedule is laid out over `max_steps`, so choose `max_steps` to fit the budget (the
+measured seconds per step are in the results). Only STS-B dev selects: the best dev checkpoint is what gets
+evaluated on the reported test sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from transformers import TrainerCallback
+
+import spt_embed
+from spt_embed.atomic import atomic_file, write_text
+from spt_embed.evaluation.evaluate import evaluate
+from spt_embed.training.run_log import training_minutes
+
+logger = logging.getLogger("compare")
+DEV_KEY = "eval_stsb-dev_spearman_cosine"
+
+
+class Budget(TrainerCallback):
+    """Stops training once the time spent inside optimiser steps reaches `minutes`."""
+
+    def __init__(self, minutes: float, seconds_before: float = 0.0):
+        self.limit = minutes * 60
+        self.seconds = seconds_before
+        self.hit = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds += time.monotonic() - self._start
+        if self.seconds >= self.limit:
+            self.hit = True
+            control.should_training_stop = True
+            control.should_evaluate = control.should_save = True  # the last point still counts for selection
+
+
+def finished(run_dir: Path) -> bool:
+    return (run_dir / "train_config.json").is_file() and (run_dir / "training.png").is_file()
+
+
+def train_run(run: dict, spec: dict, out: Path) -> None:
+    config = spt_embed.TrainConfig.from_sources(run["config"], output=str(out), **run.get("overrides", {}))
+    resume = (out / "checkpoints").is_dir()
+    records = read_log(out)
+    done = training_minutes(records)[-1][1] * 60 if resume and records else 0.0
+    budget = Budget(spec["budget_minutes"], seconds_before=done)
+    logger.info("%s: training (%s)", run["name"], "resuming" if resume else "from scratch")
+    spt_embed.train(config, resume=resume, callbacks=[budget])
+    (out / "budget.json").write_text(json.dumps({"budget_minutes": spec["budget_minutes"], "stopped_by_budget":
+                                                 budget.hit, "training_seconds": round(budget.seconds, 1)}) + "\n")
+
+
+def read_log(out: Path) -> list[dict]:
+    path = out / "train_log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def summarise(run: dict, spec: dict, out: Path) -> dict:
+    records = read_log(out)
+    minutes = dict(training_minutes(records))
+    dev = [(r["step"], round(minutes.get(r["step"], float("nan")), 2), round(100 * r[DEV_KEY], 2))
+           for r in records if DEV_KEY in r]
+    steps = max((r["step"] for r in records if "loss" in r), default=0)
+    total = max(minutes.values(), default=0.0)
+    budget = json.loads((out / "budget.json").read_text()) if (out / "budget.json").is_file() else {}
+    scores = {}
+    eval_dir = out / "eval"
+    for task in spec["eval_tasks"]:
+        path = eval_dir / f"{task}.json"
+        if path.is_file():
+            scores[task] = round(100 * _main_score(json.loads(path.read_text())), 2)
+    return {
+        "name": run["name"], "config": run["config"], "overrides": run.get("overrides", {}),
+        "steps": steps, "training_minutes": round(total, 1),
+        "seconds_per_step": round(60 * total / steps, 2) if steps else None,
+        "stopped_by_budget": budget.get("stopped_by_budget"), "dev_curve": dev,
+        "best_dev": max((d for _, _, d in dev), default=None), "test": scores,
+        "average": round(sum(scores.values()) / len(scores), 2) if len(scores) == len(spec["eval_tasks"]) else None,
+    }
+
+
+def _main_score(result: dict) -> float:
+    values = [split_scores[0]["main_score"] for split_scores in result["scores"].values()]
+    return sum(values) / len(values)
+
+
+def write_report(rows: list[dict], spec: dict) -> None:
+    base = Path(spec["results"])
+    base.parent.mkdir(parents=True, exist_ok=True)
+    write_text(base.with_suffix(".jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
+    tasks = spec["eval_tasks"]
+    lines = ["| run | steps | training min | s/step | best STS-B dev | " + " | ".join(tasks) + " | average |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(tasks) + "---:|"]
+    for row in rows:
+        cells = [row["name"], row["steps"], row["training_minutes"], row["seconds_per_step"], row["best_dev"],
+                 *(row["test"].get(task, "–") for task in tasks), row["average"] if row["average"] is not None else "–"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    write_text(base.with_suffix(".md"), "\n".join(lines) + "\n")
+    plot_curves(rows, base.with_suffix(".png"), spec["budget_minutes"])
+    print("\n".join(lines))
+
+
+def plot_curves(rows: list[dict], path: Path, budget: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for row in rows:
+        points = [(m, d) for _, m, d in row["dev_curve"] if m == m]  # m == m: NaN (no time logged) left out
+        if points:
+            ax.plot(*zip(*points), "o-", label=row["name"], markersize=3)
+    ax.axvline(budget, color="grey", linestyle=":", label=f"budget ({budget:g} min)")
+    ax.set_xlabel("training minutes (2 CPU cores; dev evaluations not counted)")
+    ax.set_ylabel("STS-B dev Spearman x100 (all 1,500 pairs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("spec", help="comparison spec (YAML)")
+    parser.add_argument("--only", nargs="+", help="run only these names (the report still covers all)")
+    parser.add_argument("--report", action="store_true", help="no training or evaluation: table and plot only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    spec = yaml.safe_load(Path(args.spec).read_text(encoding="utf-8"))
+    names = [run["name"] for run in spec["runs"]]
+    unknown = sorted(set(args.only or []) - set(names))
+    if unknown:
+        parser.error(f"--only {unknown}: not in {args.spec} (runs: {', '.join(names)})")
+    for run in spec["runs"]:
+        out = Path(spec["output"]) / run["name"]
+        if args.report or (args.only and run["name"] not in args.only):
+            continue
+        if not finished(out):
+            train_run(run, spec, out)
+        evaluate(str(out), spec["eval_tasks"], out / "eval", dtype=spec.get("eval_dtype", "float32"))
+    rows = [summarise(run, spec, Path(spec["output"]) / run["name"]) for run in spec["runs"]
+            if (Path(spec["output"]) / run["name"]).is_dir()]
+    write_report(rows, spec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
