@@ -119,7 +119,7 @@ def test_fingerprint_mismatch(trained, tmp_path, backbone_dir):
                 json.dumps([{"idx": 0, "name": "0", "path": "", "type": "evil.Module"}])
             ),
             ValueError,
-            "outside spt_embed and sentence_transformers",
+            "modules.json entry 0 names module type 'evil.Module', which spt-embed does not load",
         ),
     ],
     ids=["garbage-weights", "truncated-weights", "missing-weights", "bad-json", "missing-config", "bad-modules",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -13,11 +12,10 @@ from sentence_transformers.base.modules import Normalize
 
 from spt_embed.model.config import Init, Placement
 from spt_embed.model.dtypes import parse_dtype
+from spt_embed.model.loading import load_folder
 from spt_embed.model.module import SuffixPromptModule
-from spt_embed.model.specs import MODULES_NAME, classify
+from spt_embed.model.specs import classify
 
-# Module types an adapter folder may name in modules.json; anything else would run foreign code.
-_TRUSTED_PREFIXES = ("spt_embed.", "sentence_transformers.")
 
 class SuffixPromptEncoder(SentenceTransformer):
     """A SentenceTransformer made of a `SuffixPromptModule` (and a `Normalize` by default)."""
@@ -61,24 +59,6 @@ def resolve_adapter_path(name_or_path: str | os.PathLike) -> Path:
     return classify(name_or_path).adapter_folder()
 
 
-def _check_module_types(path: Path) -> None:
-    modules_json = path / MODULES_NAME
-    if not modules_json.is_file():
-        raise FileNotFoundError(f"{modules_json} is missing; save adapters with model.save(path) or spt_embed.save().")
-    try:
-        entries = json.loads(modules_json.read_text(encoding="utf-8"))
-        types = [entry["type"] for entry in entries]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{modules_json} is corrupted ({exc}).") from None
-    foreign = [t for t in types if not t.startswith(_TRUSTED_PREFIXES)]
-    if foreign:
-        raise ValueError(
-            f"{modules_json} names module types outside spt_embed and sentence_transformers: {foreign}. "
-            f"spt_embed.load will not import them; if you trust them, use SentenceTransformer(path, "
-            f"trust_remote_code=True)."
-        )
-
-
 def load(
     name_or_path: str | os.PathLike,
     *,
@@ -86,19 +66,26 @@ def load(
     allow_backbone_mismatch: bool = False,
     dtype: str | torch.dtype = torch.float32,
     device: str | None = None,
+    trust_remote_code: bool = False,
 ) -> SuffixPromptEncoder:
-    """Load a saved adapter (or a bundled one by name) as a SentenceTransformer; no trust_remote_code needed.
+    """Load a saved adapter (or a bundled one by name) as a SentenceTransformer; no code from the folder runs.
 
     `backbone` overrides where the frozen backbone is loaded from (the fingerprint is still checked unless
-    `allow_backbone_mismatch`).
+    `allow_backbone_mismatch`). Only the module classes spt-embed knows are built (model/loading.py);
+    `trust_remote_code=True` is the caller's choice to let sentence-transformers import whatever the folder names.
     """
     path = resolve_adapter_path(name_or_path)
-    _check_module_types(path)
     model_kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "allow_backbone_mismatch": allow_backbone_mismatch}
     if backbone is not None:
         model_kwargs["backbone"] = str(backbone)
-    # Every module type was checked to come from spt_embed or sentence_transformers above.
-    return SuffixPromptEncoder(str(path), trust_remote_code=True, model_kwargs=model_kwargs, device=device)
+    return load_folder(
+        path,
+        SuffixPromptEncoder,
+        model_kwargs=model_kwargs,
+        device=device,
+        first=SuffixPromptModule,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 def save(model: SentenceTransformer, path: str | os.PathLike, *, include_backbone: bool = False) -> None:
@@ -114,23 +101,21 @@ def save(model: SentenceTransformer, path: str | os.PathLike, *, include_backbon
 
 
 def open_encoder(
-    spec: str | os.PathLike, *, device: str | None = None, dtype: str | torch.dtype = torch.float32
+    spec: str | os.PathLike,
+    *,
+    device: str | None = None,
+    dtype: str | torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
 ) -> SentenceTransformer:
     """Any encoder a command accepts: a spt-embed adapter (folder or bundled name), a SentenceTransformer folder
-    or a reference encoder, with its weights in `dtype`."""
+    or a reference encoder, with its weights in `dtype`. No code from the folder runs unless `trust_remote_code`."""
     dtype = parse_dtype(dtype)
     kind, folder = classify(spec).encoder_folder(
         backbone_advice=f"train a suffix prompt on it (`spt-embed train`) or build an untrained one with "
         f"SuffixPromptEncoder.from_backbone({str(spec)!r})."
     )
     if kind == "adapter":
-        return load(folder, device=device, dtype=dtype)
-    # sentence-transformers refuses module classes from outside its library (e.g. a saved LoRA baseline,
-    # spt_embed.model.baselines.BaselineModule) unless trusted; ours are, anything else stays refused.
-    try:
-        _check_module_types(folder)
-        trusted = True
-    except ValueError:
-        trusted = False
-    model = SentenceTransformer(str(folder), device=device, local_files_only=True, trust_remote_code=trusted)
+        return load(folder, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    # A SentenceTransformer folder: a plain or exported one, a reference encoder, a saved LoRA baseline.
+    model = load_folder(folder, SentenceTransformer, device=device, trust_remote_code=trust_remote_code)
     return model if dtype == torch.float32 else model.to(dtype)
