@@ -140,8 +140,9 @@ def main() -> None:
     parser.add_argument("--results", default="eval/results/faiss_retrieval.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import faiss
+    from spt_embed.retrieval.faiss_factory import import_faiss
 
+    faiss = import_faiss()  # quiet: no loader INFO lines about missing AVX builds
     faiss.omp_set_num_threads(args.threads)
     folder = Path(args.data) if args.data else data_root() / "beir_scifact"
     name = Path(args.model).name or args.model

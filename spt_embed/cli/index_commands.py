@@ -126,7 +126,8 @@ def run_search(args: argparse.Namespace) -> None:
     if args.model is not None:
         from spt_embed.model.encoder import open_encoder
 
-        index.model = open_encoder(args.model, dtype=index.metadata.dtype)  # checked against the index's fingerprint and dimension
+        # Checked against the index's fingerprint and dimension.
+        index.model = open_encoder(args.model, dtype=index.metadata.dtype)
     if args.corpus is not None:
         if index.metadata.corpus is None:
             raise ValueError(f"{args.index} records no corpus layout (merged from several files): no snippets.")

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from spt_embed.model.specs import NAMED_BACKBONES, classify
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "SPT_EMBED_CACHE"
+GGUF_MAGIC = b"GGUF"
+_GGUF_FIX = "Copy or download the file again, or pass a model directory."
 
 
 @dataclass
@@ -49,6 +52,11 @@ def resolve_source(spec: str | os.PathLike) -> tuple[str, Path]:
 
 def gguf_cache_path(gguf: Path) -> Path:
     """The folder holding the dequantised safetensors of a GGUF file; created on first use."""
+    with gguf.open("rb") as handle:
+        magic = handle.read(len(GGUF_MAGIC))
+    if magic != GGUF_MAGIC:
+        what = "is empty (0 bytes)" if not magic else f"does not start with the GGUF magic bytes (found {magic!r})"
+        raise ValueError(f"{gguf} {what}: not a GGUF model. {_GGUF_FIX}")
     target = cache_dir() / "gguf" / file_sha256(gguf)[:24]
     if (target / "config.json").is_file():
         logger.info("GGUF cache hit: %s", target)
@@ -56,8 +64,17 @@ def gguf_cache_path(gguf: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.info("Dequantising %s once into %s (later loads take about a second)", gguf, target)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # trust_remote_code=False: whatever config sits beside the file, no code from its folder runs.
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    # The gguf reader fails on a truncated file at whatever read runs past the end (struct, numpy, index errors).
+    except (OSError, ValueError, KeyError, IndexError, EOFError, struct.error) as exc:
+        raise ValueError(
+            f"{gguf} could not be read as a GGUF model ({exc}); it is probably truncated. {_GGUF_FIX}"
+        ) from None
     # save_pretrained refuses a model that still carries its GGUF quantisation config.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
@@ -114,8 +131,9 @@ def load_backbone(spec: str | os.PathLike, *, dtype: torch.dtype = torch.float32
     model_dir = gguf_cache_path(path) if kind == "gguf" else path
     try:
         # Load as stored and fingerprint before casting, so an adapter's fingerprint holds at any dtype.
-        model = AutoModel.from_pretrained(model_dir, dtype="auto")
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        # No code from the folder runs (an auto_map is never followed) and weights come from safetensors only.
+        model = AutoModel.from_pretrained(model_dir, dtype="auto", trust_remote_code=False, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"Could not load a backbone from {model_dir}: {exc}") from exc
     if is_bidirectional(model.config):

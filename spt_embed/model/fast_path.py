@@ -10,6 +10,7 @@ equals the full pass over [text | soft tokens] (tests/test_encoder.py), for a fr
 from __future__ import annotations
 
 import enum
+import inspect
 
 import torch
 from transformers import DynamicCache
@@ -50,8 +51,9 @@ def fast_forward(
         shape_only = torch.empty(*packed.shape, 0, dtype=dtype, device=packed.device)  # (R, C, 0)
         block_mask = create_causal_mask(backbone.config, shape_only, None, None, position_ids=positions)
         text_out = backbone(input_ids=packed, position_ids=positions, attention_mask=block_mask, use_cache=True)
+    cache_arg = _cache_argument(backbone)
     cache = DynamicCache(
-        ddp_cache_data=[(unpack_states(k, index), unpack_states(v, index)) for k, v, *_ in text_out.past_key_values],
+        ddp_cache_data=[(unpack_states(k, index), unpack_states(v, index)) for k, v, *_ in text_out[cache_arg]],
         config=backbone.config,
     )
     batch, num_tokens = input_ids.shape[0], soft_prompt.shape[0]
@@ -61,7 +63,14 @@ def fast_forward(
         inputs_embeds=soft,
         attention_mask=full_mask,
         position_ids=suffix_position_ids(attention_mask, num_tokens),
-        past_key_values=cache,
         use_cache=True,
+        **{cache_arg: cache},
     )
     return last_token_pool(out.last_hidden_state)  # (B, H)
+
+
+def _cache_argument(backbone: torch.nn.Module) -> str:
+    """The name under which `backbone.forward` takes (and its output returns) the KV cache: `cache` in current
+    transformers, where the older `past_key_values` still works but warns on every call; older releases know only
+    `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"

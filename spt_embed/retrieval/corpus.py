@@ -34,6 +34,8 @@ class CorpusFormat(str, enum.Enum):
 
 
 _SUFFIX_FORMATS = {".jsonl": CorpusFormat.JSONL, ".csv": CorpusFormat.CSV, ".tsv": CorpusFormat.TSV}
+# Structured files a stream of lines cannot read: taken as text, every raw line would become a document.
+_UNSTREAMED_SUFFIXES = (".json", ".parquet")
 _DEFAULT_ID_FIELDS = ("_id", "id")
 
 
@@ -95,7 +97,14 @@ class CorpusSpec:
     def __post_init__(self) -> None:
         self.path = os.fspath(self.path)
         if self.format is None:
-            self.format = _SUFFIX_FORMATS.get(Path(self.path).suffix.lower(), CorpusFormat.TEXT)
+            suffix = Path(self.path).suffix.lower()
+            if suffix in _UNSTREAMED_SUFFIXES:
+                raise ValueError(
+                    f"{self.path}: a {suffix} file is not read as a corpus (it is not one record per line). Convert "
+                    f"it to .jsonl (one JSON object per line) or .csv/.tsv with a header, or take each line as a "
+                    f"document with `spt-embed index --format text` (Python: format='text')."
+                )
+            self.format = _SUFFIX_FORMATS.get(suffix, CorpusFormat.TEXT)
         self.format = parse_enum(CorpusFormat, self.format, "format")
         if not self.text_field:
             raise ValueError("text_field must name the field holding the document text, got an empty name.")

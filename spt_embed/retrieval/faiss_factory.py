@@ -33,6 +33,18 @@ class IndexType(str, enum.Enum):
     IVFPQ = "ivfpq"  # inverted lists + product quantisation: for large corpora, trained on a sample
 
 
+def import_faiss():
+    """The faiss module. Its loader logs at INFO, on every import, each CPU-specific build it tries and fails to
+    find ("No module named 'faiss.swigfaiss_avx512'"): normal on most machines, so kept out of the log unless
+    the caller has set that logger's level itself."""
+    loader_log = logging.getLogger("faiss.loader")
+    if loader_log.level == logging.NOTSET:
+        loader_log.setLevel(logging.WARNING)
+    import faiss
+
+    return faiss
+
+
 def resolve_factory(index_type: str, count: int, dimension: int) -> str:
     """The FAISS factory string for a preset (sized for `count` vectors) or a factory string as it is."""
     preset = {t.value: t for t in IndexType}.get(enum_text(index_type).lower())
@@ -58,9 +70,9 @@ def resolve_factory(index_type: str, count: int, dimension: int) -> str:
 
 def new_faiss_index(index_type: str, count: int, dimension: int, sample: Callable[[int], np.ndarray]):
     """An empty, trained FAISS index for `count` vectors; `sample(n)` returns n random rows to train on."""
-    import faiss
     import numpy as np
 
+    faiss = import_faiss()
     factory = resolve_factory(index_type, count, dimension)
     try:
         index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
@@ -87,14 +99,12 @@ def new_faiss_index(index_type: str, count: int, dimension: int, sample: Callabl
 
 
 def _find(index, attribute: str):
-    import faiss
-
+    faiss = import_faiss()
     return getattr(faiss.downcast_index(index), attribute, None)
 
 
 def _ivf(index):
-    import faiss
-
+    faiss = import_faiss()
     try:
         return faiss.extract_index_ivf(index)
     except RuntimeError:

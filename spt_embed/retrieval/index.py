@@ -28,7 +28,7 @@ import torch
 from spt_embed.atomic import atomic_folder, previous_folder
 from spt_embed.model.identity import model_fingerprint
 from spt_embed.recipe import enum_text
-from spt_embed.retrieval.faiss_factory import IndexType, new_faiss_index
+from spt_embed.retrieval.faiss_factory import IndexType, import_faiss, new_faiss_index
 from spt_embed.retrieval.metadata import (
     IDS_FILE,
     INDEX_FILE,
@@ -174,7 +174,7 @@ class Index:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the index folder atomically: a crash mid-write leaves any previous index at `path` intact."""
-        import faiss
+        faiss = import_faiss()
 
         self.metadata.count = len(self)
         self.metadata.faiss_version = faiss.__version__
@@ -193,8 +193,6 @@ class Index:
 
 def load_index(path: str | os.PathLike, *, model=None) -> Index:
     """An index folder written by Index.save / `spt-embed index`. `model` (optional) is checked against it."""
-    import faiss
-
     folder = Path(path).expanduser()
     previous = previous_folder(folder)
     if not folder.exists() and (previous / META_FILE).is_file():
@@ -208,8 +206,25 @@ def load_index(path: str | os.PathLike, *, model=None) -> Index:
     ids = read_json(folder / IDS_FILE)
     if not isinstance(ids, list) or not all(isinstance(doc_id, str) for doc_id in ids):
         raise ValueError(f"{folder / IDS_FILE} must be a JSON list of string ids.")
-    offsets = np.load(folder / OFFSETS_FILE) if (folder / OFFSETS_FILE).is_file() else None
-    return Index(faiss.read_index(str(folder / INDEX_FILE)), ids, metadata, model=model, offsets=offsets)
+    offsets = None
+    if (folder / OFFSETS_FILE).is_file():
+        try:
+            offsets = np.load(folder / OFFSETS_FILE)
+        except (OSError, ValueError, EOFError) as exc:
+            raise ValueError(_damaged(folder / OFFSETS_FILE, exc)) from None
+    try:
+        faiss_index = import_faiss().read_index(str(folder / INDEX_FILE))
+    except RuntimeError as exc:  # faiss reports a missing, truncated or foreign file as a RuntimeError
+        raise ValueError(_damaged(folder / INDEX_FILE, exc)) from None
+    return Index(faiss_index, ids, metadata, model=model, offsets=offsets)
+
+
+def _damaged(file: Path, exc: Exception) -> str:
+    reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    return (
+        f"{file} is missing, truncated or damaged ({reason}). Rebuild the index: rerun `spt-embed index` with "
+        f"--overwrite (or `spt-embed index-merge` over its shards)."
+    )
 
 
 def check_unique_ids(ids: Sequence[str]) -> None:
@@ -254,7 +269,8 @@ def build_index(
     """Encode `texts` (in memory) with `model` and index them; `ids` default to "0", "1", ...
 
     For corpora on disk, streamed and resumable, use spt_embed.index_corpus. `model_spec` is recorded so that a
-    loaded index can reopen its model by itself.
+    loaded index can reopen its model by itself. Empty (or all-whitespace) texts are left out with a warning, as
+    index_corpus does: their embedding is the prompt's alone, which would rank high for unrelated queries.
     """
     texts = list(texts)
     ids = [str(i) for i in range(len(texts))] if ids is None else [str(doc_id) for doc_id in ids]
@@ -266,6 +282,12 @@ def build_index(
         if not isinstance(text, str):
             raise TypeError(f"Text {position} is {type(text).__name__}, expected str.")
     check_unique_ids(ids)
+    empty = [doc_id for doc_id, text in zip(ids, texts) if not text.strip()]
+    if empty:
+        if len(empty) == len(texts):
+            raise ValueError(f"Cannot build an index: all {len(texts)} texts are empty.")
+        logger.warning("Skipped %d empty text(s) (ids %s); an empty text has nothing to match.", len(empty), empty[:5])
+        ids, texts = zip(*[(doc_id, text) for doc_id, text in zip(ids, texts) if text.strip()])
     from spt_embed.model.dtypes import weights_dtype
 
     fingerprint, backbone = model_fingerprint(model)
@@ -277,8 +299,9 @@ def build_index(
         index_type=enum_text(index_type),
         query_prompt=query_prompt,
         dtype=weights_dtype(model),
+        skipped_empty=len(empty),
     )
     embeddings = model.encode_document(
-        texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=show_progress_bar
+        list(texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=show_progress_bar
     )
     return index_from_embeddings(embeddings, ids, metadata, model=model)

@@ -64,8 +64,10 @@ def merge_shards(
 
     parts = [part for folder, _ in shards for part in list_parts(folder)]
     masks, ids = _dedupe_parts(parts, parse_enum(OnDuplicate, on_duplicate, "on_duplicate"))
+    skipped_empty = sum(meta.skipped_empty for _, meta in shards)
     if not ids:
-        raise ValueError(f"The shards hold no documents ({', '.join(str(f) for f, _ in shards)}).")
+        empty = f"; {skipped_empty} document(s) with no text were skipped" if skipped_empty else ""
+        raise ValueError(f"The shards hold no documents ({', '.join(str(f) for f, _ in shards)}{empty}).")
     sizes = [int(mask.sum()) for mask in masks]
     rng = np.random.default_rng(seed)
     faiss_index, factory = new_faiss_index(
@@ -78,7 +80,7 @@ def merge_shards(
     if len(corpora) == 1:
         offsets = np.concatenate([np.load(part)["offsets"][mask] for part, mask in zip(parts, masks)])
     metadata = first.index_metadata(enum_text(index_type))
-    metadata.factory = factory
+    metadata.factory, metadata.skipped_empty = factory, skipped_empty
     if offsets is None:
         metadata.corpus = None  # documents from several files: no single file to show snippets from
     index = Index(faiss_index, ids, metadata, model=model, offsets=offsets)
@@ -228,7 +230,7 @@ def index_corpus(
     try:
         encode_shard(model, corpus, work, restart=True, **options)
     except CorpusChangedError as exc:
-        logger.info("%s; starting afresh.", exc)
+        logger.warning("%s; starting afresh.", exc)
         shutil.rmtree(work)
         encode_shard(model, corpus, work, **options)
     merge_shards([work], output, index_type=index_type, on_duplicate=on_duplicate, overwrite=overwrite, model=model)

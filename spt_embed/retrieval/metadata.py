@@ -46,6 +46,7 @@ class IndexMetadata:
     fingerprint: str = field(metadata={"help": "model_fingerprint() of the encoder that built the index."})
     dimension: int = field(metadata={"help": "Embedding width."})
     count: int = field(default=0, metadata={"help": "Number of documents."})
+    skipped_empty: int = field(default=0, metadata={"help": "Corpus documents left out because they have no text."})
     model: str = field(default="", metadata={"help": "Model spec to reopen the encoder with (open_encoder)."})
     backbone_fingerprint: str = field(default="", metadata={"help": "SPT only: the frozen backbone's fingerprint."})
     index_type: str = field(default="flat", metadata={"help": "Preset (flat, hnsw, ivfpq) or factory string asked."})
@@ -91,6 +92,7 @@ class ShardMetadata:
     complete: bool = field(default=False, metadata={"help": "True once every part is written."})
     count: int = field(default=0, metadata={"help": "Documents in the shard (once complete)."})
     parts: int = field(default=0, metadata={"help": "Number of parts (once complete)."})
+    skipped_empty: int = field(default=0, metadata={"help": "Documents left out because they have no text."})
     spt_embed_version: str = field(default="", metadata={"help": "Library version that wrote the shard."})
 
     def __post_init__(self) -> None:

@@ -4,16 +4,21 @@ A shard job (``index_corpus(..., shard="i/N")``, CLI ``--shard i/N``) encodes th
 (records numbered 0, 1, ... in file order, see spt_embed.retrieval.corpus) into a shard folder::
 
     shard.json          ShardMetadata: model fingerprint, corpus, shard, block size, complete or not
-    parts/000000.npz    one finished block: embeddings (float32, unit length), ids, records, offsets
+    parts/000000.npz    one finished block: embeddings (float32, unit length), ids, records, offsets, digest
     parts/000001.npz    ...
 
-The corpus is read in blocks of `block_size` documents; each block is encoded longest text first (batches of
+The corpus is read in blocks of `block_size` records; each block is encoded longest text first (batches of
 similar length waste little padding) and written as one part, atomically. A killed job rerun with the same command
-skips the finished parts (checking that the corpus still yields the same records) and encodes only the rest.
+skips the finished parts and encodes only the rest: each part stores a digest of its records' numbers, ids and
+texts, and a part whose block the corpus no longer yields identically is a CorpusChangedError, so an edited corpus
+never keeps stale embeddings. Documents with no text are skipped (and counted): an empty text would embed as the
+encoder's prompt alone, a vector that scores high against unrelated queries.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -34,6 +39,15 @@ from spt_embed.retrieval.metadata import DEFAULT_BLOCK_SIZE, PARTS_DIR, SHARD_FI
 logger = logging.getLogger(__name__)
 
 MAX_REPORTED_DUPLICATES = 5
+MAX_REPORTED_EMPTY = 10  # line numbers of empty documents named in the log
+
+
+def block_digest(documents: list[Document]) -> str:
+    """sha256 over the documents' record numbers, ids and texts: what a resumed job must find again to reuse a part."""
+    digest = hashlib.sha256()
+    for document in documents:
+        digest.update(json.dumps([document.record, document.id, document.text]).encode("utf-8") + b"\n")
+    return digest.hexdigest()
 
 
 def _write_part(folder: Path, number: int, documents: list[Document], embeddings: np.ndarray) -> None:
@@ -44,7 +58,13 @@ def _write_part(folder: Path, number: int, documents: list[Document], embeddings
             ids=np.array([d.id for d in documents], dtype=np.str_),
             records=np.array([d.record for d in documents], dtype=np.int64),
             offsets=np.array([d.offset for d in documents], dtype=np.int64),
+            digest=np.array(block_digest(documents)),
         )
+
+
+def _stored_digest(part: Path) -> str | None:
+    with np.load(part) as stored:
+        return str(stored["digest"]) if "digest" in stored.files else None
 
 
 def list_parts(folder: Path) -> list[Path]:
@@ -80,6 +100,27 @@ def _blocks(documents: Iterable[Document], size: int) -> Iterator[list[Document]
             block = []
     if block:
         yield block
+
+
+class _Empty:
+    """Documents with no text (after joining title and text), skipped and counted."""
+
+    def __init__(self):
+        self.lines: list[int] = []
+
+    def skip(self, document: Document) -> bool:
+        if document.text.strip():
+            return False
+        self.lines.append(document.line)
+        return True
+
+    def report(self, folder: Path, source: str) -> None:
+        if self.lines:
+            more = ", ..." if len(self.lines) > MAX_REPORTED_EMPTY else ""
+            logger.warning(
+                "%s: skipped %d document(s) with no text in %s (line(s) %s%s); an empty text has nothing to match.",
+                folder, len(self.lines), source, ", ".join(map(str, self.lines[:MAX_REPORTED_EMPTY])), more,
+            )
 
 
 class _Duplicates:
@@ -153,8 +194,8 @@ def encode_shard(
             f"original settings, or start afresh with --overwrite (Python: overwrite=True)."
         )
     elif meta.complete:
-        logger.info("%s: shard %s is already complete (%d documents).", folder, meta.shard, meta.count)
-        return meta
+        # Still checked against the corpus below: a complete folder is reused only while the corpus is unchanged.
+        logger.info("%s: shard %s is complete (%d documents); checking the corpus.", folder, meta.shard, meta.count)
     for stale in (folder / PARTS_DIR).glob("*.tmp"):  # a part that was being written when the job died
         stale.unlink()
     done = list_parts(folder)
@@ -163,18 +204,20 @@ def encode_shard(
 
     records = count_records(corpus)
     total = None if records is None else max(0, (records - shard.index + shard.count - 1) // shard.count)
-    duplicates = _Duplicates(parse_enum(OnDuplicate, meta.on_duplicate, "on_duplicate"), f"{corpus.path} (shard {shard})")
+    source = f"{corpus.path} (shard {shard})"
+    duplicates = _Duplicates(parse_enum(OnDuplicate, meta.on_duplicate, "on_duplicate"), source)
+    empty = _Empty()
     blocks = 0
     with tqdm(total=total, unit="doc", desc=f"encode {Path(corpus.path).name} [{shard}]", dynamic_ncols=True) as bar:
         for number, block in enumerate(_blocks(iter_documents(corpus, shard), meta.block_size)):
             blocks = number + 1
-            kept = [d for d in block if duplicates.keep(d.id, d.line)]
+            kept = [d for d in block if not empty.skip(d) and duplicates.keep(d.id, d.line)]
             if number < len(done):
-                stored = np.load(done[number])["records"]
-                if not np.array_equal(stored, [d.record for d in kept]):
+                if _stored_digest(done[number]) != block_digest(kept):
                     raise CorpusChangedError(
-                        f"{corpus.path} no longer yields the documents of {done[number]}: the corpus changed since "
-                        f"this shard started. Delete {folder} (or pass --overwrite) and start again."
+                        f"{corpus.path} no longer yields the documents of {done[number]} (their ids or texts "
+                        f"differ): the corpus changed since this shard was encoded. Delete {folder} (or pass "
+                        f"--overwrite) and start again."
                     )
                 bar.update(len(block))
                 continue
@@ -185,7 +228,8 @@ def encode_shard(
         raise CorpusChangedError(f"{folder} has {len(done)} parts but the corpus now gives {blocks} blocks.")
     if duplicates.dropped:
         logger.warning("%s: dropped %d duplicate document(s), kept the first copy of each.", folder, duplicates.dropped)
-    meta.complete, meta.count, meta.parts = True, len(duplicates.seen), blocks
+    empty.report(folder, source)
+    meta.complete, meta.count, meta.parts, meta.skipped_empty = True, len(duplicates.seen), blocks, len(empty.lines)
     meta.save(folder)
     if not meta.count:
         logger.warning("%s: shard %s of %s has no documents.", folder, shard, corpus.path)

@@ -8,6 +8,7 @@ data, so that PRESETS (names and descriptions, shown by `spt-embed train --help`
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spt_embed.datafiles import data_file, parse_score, read_lines, read_stsb, tsv_rows
+from spt_embed.training.columns import COLUMN_HINT, ROLES, refuse_labels, resolve_columns
 
 if TYPE_CHECKING:
     import datasets
@@ -23,7 +25,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("anchor", "positive", "negative")
 # Threshold on the 0-5 (STS-B) / 1-5 (SICK) gold scales above which a pair counts as a positive:
 # 4 is "mostly equivalent, some unimportant details differ" in the STS annotation guidelines.
 MIN_PAIR_SCORE = 4.0
@@ -38,19 +39,6 @@ _FILE_KINDS: dict[str, tuple[str, dict]] = {
     ".tsv": ("csv", {"delimiter": "\t", "keep_default_na": False, "na_values": [""]}),
     ".parquet": ("parquet", {}),
 }
-
-# Column names recognised without --*-column flags, tried in order: (label, anchor, positive, negative) names.
-_ALIASES: tuple[tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]], ...] = (
-    ("anchor/positive[/negative]", ("anchor",), ("positive",), ("negative",)),
-    ("sent0/sent1[/hard_neg] (SimCSE)", ("sent0",), ("sent1",), ("hard_neg",)),
-    ("query/positive|pos[/negative|neg]", ("query",), ("positive", "pos"), ("negative", "neg")),
-    ("sentence1/sentence2", ("sentence1",), ("sentence2",), ()),
-    ("text1/text2", ("text1",), ("text2",), ()),
-)
-_COLUMN_HINT = (
-    "Name the columns with --anchor-column/--positive-column/--negative-column "
-    "(Python: anchor=..., positive=..., negative=...)."
-)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,63 +189,48 @@ def _read_file(path: Path, name: str) -> datasets.Dataset:
             f"{name}: unsupported file type {repr(path.suffix) if path.suffix else '(no suffix)'}. Training data "
             f"must be {_accepted_forms()}."
         )
+    if path.stat().st_size == 0:
+        raise ValueError(f"{name} is empty (0 bytes): no training rows.")
     builder, options = kind
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+        loaded = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
     except Exception as exc:  # the builders raise many types (pandas, pyarrow, DatasetGenerationError)
-        raise ValueError(f"{name}: could not be read as {path.suffix.lower()[1:]} ({exc}).") from exc
+        raise ValueError(_unreadable(path, name, exc)) from exc
+    if len(loaded) == 0:
+        raise ValueError(f"{name} holds no rows (columns {loaded.column_names}): no training rows.")
+    return loaded
 
 
-def _detect_columns(columns: list[str]) -> dict[str, str] | None:
-    for _label, anchors, positives, negatives in _ALIASES:
-        found = [next((c for c in names if c in columns), None) for names in (anchors, positives, negatives)]
-        if found[0] is not None and found[1] is not None:
-            return {role: column for role, column in zip(ROLES, found) if column is not None}
-    return None
-
-
-def _resolve_columns(
-    columns: list[str], name: str, anchor: str | None, positive: str | None, negative: str | None
-) -> dict[str, str]:
-    """role -> source column. Named columns win; unnamed anchor/positive are auto-detected. A hard negative is
-    only auto-detected when no column is named, so naming anchor and positive never pulls in a third column."""
-    explicit = {role: column for role, column in zip(ROLES, (anchor, positive, negative)) if column is not None}
-    for role, column in explicit.items():
-        if column not in columns:
-            raise ValueError(
-                f"{name}: no column {column!r} (given for the {role}); available columns: {columns}. {_COLUMN_HINT}"
-            )
-    detected = _detect_columns(columns)
-    if not explicit:
-        if detected is not None:
-            return detected
-        if len(columns) in (2, 3):
-            mapping = dict(zip(ROLES, columns))
-            logger.info(
-                "%s: no recognised column names; using the columns in order: %s",
-                name,
-                ", ".join(f"{role}={column!r}" for role, column in mapping.items()),
-            )
-            return mapping
-        known = "; ".join(label for label, *_ in _ALIASES)
-        raise ValueError(
-            f"{name}: cannot tell which columns hold the anchor and positive texts among {columns}. Recognised "
-            f"names: {known}; or a file with exactly 2 or 3 columns (taken in order). {_COLUMN_HINT}"
-        )
-    mapping = {}
-    for role in ("anchor", "positive"):
-        if role in explicit:
-            mapping[role] = explicit[role]
-        elif detected is not None:
-            mapping[role] = detected[role]
+def _unreadable(path: Path, name: str, exc: Exception) -> str:
+    """Why a text file failed to load, as precisely as a second look finds: no rows, or the first line that is not
+    JSON; otherwise the reader's own error (which names no line)."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return f"{name}: could not be read as parquet ({exc})."
+    lines = [(number, line) for number, line in enumerate(read_lines(path), start=1) if line.strip()]
+    if len(lines) <= (suffix in (".csv", ".tsv")):  # nothing, or a csv/tsv header alone
+        return f"{name} holds no rows{' (only a header)' if lines else ''}: no training rows."
+    if suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            if error.msg != "Extra data":  # "Extra data" after the first value: JSON Lines, checked line by line below
+                return f"{name}:{error.lineno}: not valid JSON ({error.msg}, column {error.colno})."
         else:
-            raise ValueError(
-                f"{name}: no {role} column: none was named and no usual name was found among {columns}. "
-                f"{_COLUMN_HINT}"
-            )
-    if "negative" in explicit:
-        mapping["negative"] = explicit["negative"]
-    return mapping
+            rows = rows if isinstance(rows, list) else []
+            bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+            if bad is not None:
+                return f"{name}: element {bad} of the JSON array is a {type(rows[bad]).__name__}, expected an object."
+            return f"{name}: could not be read as json ({exc})."
+    if suffix in (".json", ".jsonl"):
+        for number, line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"{name}:{number}: not valid JSON ({error.msg}, column {error.colno}). Fix or remove the line."
+            if not isinstance(row, dict):
+                return f"{name}:{number}: expected a JSON object (one row per line), got {type(row).__name__}."
+    return f"{name}: could not be read as {suffix[1:]} ({exc})."
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,7 +262,7 @@ def _text_column(dataset: datasets.Dataset, table: pa.Table, column: str, name: 
             raise ValueError(
                 f"{name}: row {index + 1}, column {column!r}: expected text, got {type(value).__name__} "
                 f"({_short_repr(value)}). Every anchor/positive/negative value must be a string; if this is not a "
-                f"text column: {_COLUMN_HINT}"
+                f"text column: {COLUMN_HINT}"
             )
     return pa.chunked_array([pa.array(values, pa.string())])
 
@@ -299,8 +272,17 @@ def _check_limit(limit: int | None) -> None:
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}.")
 
 
-def _to_schema(dataset: datasets.Dataset, name: str, mapping: dict[str, str], limit: int | None) -> datasets.Dataset:
-    """Validate the mapped columns, drop rows with empty text, keep the first `limit` rows, rename to the roles."""
+def _to_schema(
+    dataset: datasets.Dataset,
+    name: str,
+    mapping: dict[str, str],
+    limit: int | None,
+    unproven: dict[str, str] | None = None,
+) -> datasets.Dataset:
+    """Validate the mapped columns, drop rows with empty text, keep the first `limit` rows, rename to the roles.
+
+    `unproven`: role -> how its column was chosen ("taken by position", "named"), for columns whose name does not
+    say they hold text: each must not be a column of class labels."""
     import datasets
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -309,6 +291,8 @@ def _to_schema(dataset: datasets.Dataset, name: str, mapping: dict[str, str], li
     # Arrow format honours any indices mapping (a saved shuffled/selected dataset) and reads without copying.
     table = dataset.with_format("arrow")[:]
     columns = {role: _text_column(dataset, table, source, name) for role, source in mapping.items()}
+    for role, how in (unproven or {}).items():
+        refuse_labels(columns[role], name, role, mapping[role], how, list(dataset.column_names))
     total = len(table)
     keep = None
     for column in columns.values():
@@ -345,10 +329,11 @@ def load_pairs(
 
     `source` is a preset name (see PRESETS; a preset wins over a same-named path, write ./name for the path) or a
     .jsonl/.json, .csv, .tsv or .parquet file, or a Dataset.save_to_disk folder. `anchor`/`positive`/`negative`
-    name the file's columns; unnamed ones are auto-detected (see _ALIASES, else a 2- or 3-column file in order),
-    a negative only when no column is named. Rows with an empty or missing text are dropped (one warning);
-    non-text values are an error naming the row (1-based, header not counted) and column. `limit` keeps the first
-    rows after cleaning.
+    name the file's columns; unnamed ones are found by their known names (see training/columns.py; else only a
+    file of exactly two columns is taken in order), a negative only when no column is named. A column taken by
+    position or named here that holds a handful of short class labels is an error. Rows with an empty or missing
+    text are dropped (one warning); non-text values are an error naming the row (1-based, header not counted) and
+    column. `limit` keeps the first rows after cleaning.
     """
     if isinstance(source, str) and source in PRESETS:
         if anchor is not None or positive is not None or negative is not None:
@@ -359,5 +344,15 @@ def load_pairs(
     _check_limit(limit)
     name = os.fspath(source)
     raw = _read_file(Path(name).expanduser(), name)
-    mapping = _resolve_columns(list(raw.column_names), name, anchor, positive, negative)
-    return _to_schema(raw, name, mapping, limit)
+    mapping, by_position = resolve_columns(list(raw.column_names), name, anchor, positive, negative)
+    if by_position:
+        logger.info(
+            "%s: no recognised column names; using the columns in order: %s",
+            name,
+            ", ".join(f"{role}={column!r}" for role, column in mapping.items()),
+        )
+        unproven = dict.fromkeys(mapping, "taken by position")
+    else:
+        named = dict(zip(ROLES, (anchor, positive, negative)))
+        unproven = {role: "named" for role in mapping if named[role] is not None}
+    return _to_schema(raw, name, mapping, limit, unproven)
