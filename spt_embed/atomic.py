@@ -2,7 +2,9 @@
 
 Files go through a temporary sibling that is flushed to disk (fsync) and then renamed over the target. Unlike a
 bare `tempfile` file (always mode 0600), the result gets the permissions a plain `open()` would give it under
-the process umask (0644 under umask 022), so a shared model or index stays readable by others.
+the process umask (0644 under umask 022), so a shared model or index stays readable by others. Files written by
+other libraries (safetensors' writer, and so `save_pretrained`, creates them 0600) get the same treatment through
+`apply_umask`, which `atomic_folder` and `publish_entries` apply to everything they publish.
 """
 
 from __future__ import annotations
@@ -24,6 +26,16 @@ def _umask() -> int:
     return mask
 
 
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give `path` (a file, or a folder and everything under it) the permissions a plain `open()` / `mkdir()` would
+    give it under the process umask: files 0666 & ~umask, folders 0777 & ~umask."""
+    mask = _umask()
+    path = Path(path)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO[Any]]:
     """`with atomic_file(p, "wb") as handle:` writes p atomically; an exception leaves p as it was."""
@@ -39,7 +51,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) ->
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(handle.name, 0o666 & ~_umask())
+        apply_umask(handle.name)
         os.replace(handle.name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -93,6 +105,7 @@ def atomic_folder(target: str | os.PathLike, write: Callable[[Path], None], *, o
     temporary = staging_folder(target.parent, target.name)
     try:
         write(temporary)
+        apply_umask(temporary)
         fsync_tree(temporary)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -106,3 +119,18 @@ def atomic_folder(target: str | os.PathLike, write: Callable[[Path], None], *, o
     else:
         os.replace(temporary, target)
     return target
+
+
+def publish_entries(staging: Path, target: Path) -> list[str]:
+    """Move every entry of the filled folder `staging` into the existing folder `target`, each replacing the entry of
+    the same name; returns their names. Entries get the umask's permissions and are flushed to disk first, so each
+    appears whole. For the outputs of a run whose folder also holds its checkpoints and logs."""
+    apply_umask(staging)
+    fsync_tree(staging)
+    names = sorted(item.name for item in staging.iterdir())
+    for name in names:
+        destination = target / name
+        if destination.is_dir() and not destination.is_symlink():
+            shutil.rmtree(destination)
+        os.replace(staging / name, destination)
+    return names

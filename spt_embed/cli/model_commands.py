@@ -11,9 +11,15 @@ from spt_embed.cli.options import MODEL_HELP, add_dtype_argument
 def add_encode_parser(subparsers) -> None:
     enc = subparsers.add_parser("encode", help="encode texts to a .npy matrix (one row per input text)")
     enc.add_argument("--model", required=True, help=MODEL_HELP)
-    enc.add_argument("--input", required=True, help="texts: one per line, or .jsonl with a text field")
+    enc.add_argument(
+        "--input",
+        required=True,
+        help="texts: .txt (one per line), .jsonl, .json (array of strings or objects), or .csv/.tsv with a header",
+    )
     enc.add_argument("--output", required=True, help="where to write the (N, dim) float32 .npy")
-    enc.add_argument("--text-field", default="text", help="jsonl field holding the text (default: text)")
+    enc.add_argument(
+        "--text-field", default="text", help="field (.jsonl/.json) or column (.csv/.tsv) with the text (default: text)"
+    )
     enc.add_argument("--prompt", default=None, help="instruction prepended to every text")
     enc.add_argument("--batch-size", type=int, default=32)
     add_dtype_argument(enc)
@@ -32,8 +38,10 @@ def add_export_parser(subparsers) -> None:
         "export", help="write a plain SentenceTransformer folder (no custom code needed to load)"
     )
     exp.add_argument("model", help="adapter folder or bundled adapter name")
-    exp.add_argument("output", help="output folder")
-    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    exp.add_argument("output", help="output folder: new, empty, or an earlier export (with --overwrite)")
+    exp.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier export (a folder holding spt_export.json)"
+    )
     exp.set_defaults(func=run_export)
 
 

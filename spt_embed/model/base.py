@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from sentence_transformers.base.modules.input_module import InputModule
 
+from spt_embed.atomic import apply_umask
 from spt_embed.model.backbone import Backbone, load_backbone
 from spt_embed.model.bidirectional import is_bidirectional
 from spt_embed.model.config import BackboneRef
@@ -82,6 +83,7 @@ class BackboneModule(InputModule):
         """Save the backbone and its tokenizer into `folder`/backbone; returns the reference that names it there."""
         self.backbone.save_pretrained(folder / BACKBONE_SUBDIR)
         self.tokenizer.save_pretrained(folder / BACKBONE_SUBDIR)
+        apply_umask(folder / BACKBONE_SUBDIR)  # safetensors' writer creates its files 0600
         return dataclasses.replace(self.backbone_ref, source=BACKBONE_SUBDIR)
 
     @classmethod

@@ -189,6 +189,12 @@ class BaselineModule(BackboneModule):
         if (folder / LORA_SUBDIR).is_dir():
             from peft import PeftModel
 
+            # peft falls back to a pickled adapter_model.bin (or a hub download) without the safetensors file.
+            if not (folder / LORA_WEIGHTS).is_file():
+                raise FileNotFoundError(
+                    f"{folder / LORA_WEIGHTS} is missing: a LoRA baseline's weights are read from safetensors only; "
+                    f"re-save the baseline."
+                )
             module.backbone = PeftModel.from_pretrained(module.backbone, str(folder / LORA_SUBDIR))
         return module
 

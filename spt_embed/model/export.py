@@ -3,6 +3,10 @@
 The K soft tokens become K added special tokens whose input-embedding rows hold the trained vectors; the
 tokenizer's post-processor appends them to every text (after truncation, which leaves room for them); pooling is
 sentence-transformers' own last-token pooling.
+
+Every export holds `spt_export.json` (the spt-embed version, the adapter exported, the soft tokens' names): the
+mark by which `overwrite=True` recognises a folder it may replace. Any other non-empty folder, and any output that
+is, contains or lies inside the adapter's own folder, is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ from sentence_transformers.base.modules import Normalize, Transformer
 from sentence_transformers.sentence_transformer.modules import Pooling
 from tokenizers.processors import TemplateProcessing
 
-from spt_embed.atomic import atomic_folder
+from spt_embed._version import __version__
+from spt_embed.atomic import atomic_folder, write_json
 from spt_embed.model.config import Placement
-from spt_embed.model.encoder import load
+from spt_embed.model.encoder import load, resolve_adapter_path
 from spt_embed.model.module import SuffixPromptModule
-from spt_embed.model.specs import MODULES_NAME
 
 logger = logging.getLogger(__name__)
+
+EXPORT_MARKER = "spt_export.json"
 
 
 def soft_token_names(num_tokens: int, vocab: dict[str, int]) -> list[str]:
@@ -49,10 +55,13 @@ def _special_tokens_around_text(tokenizer) -> tuple[list[int], list[int]]:
 def export(
     adapter: str | os.PathLike | SentenceTransformer, output: str | os.PathLike, *, overwrite: bool = False
 ) -> Path:
-    """Write a self-contained plain SentenceTransformer folder equivalent to the adapter; returns its path."""
-    out = Path(output)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (CLI: --overwrite) to replace it.")
+    """Write a self-contained plain SentenceTransformer folder equivalent to the adapter; returns its path.
+
+    `output` must be new, empty, or (with `overwrite`) an earlier export; never the adapter's folder, inside it, or
+    around it."""
+    out = Path(output).expanduser()
+    source = None if isinstance(adapter, SentenceTransformer) else resolve_adapter_path(adapter).resolve()
+    _check_output(source, out, overwrite=overwrite)
     model = adapter if isinstance(adapter, SentenceTransformer) else load(adapter)
     module = model[0]
     if not isinstance(module, SuffixPromptModule):
@@ -62,14 +71,41 @@ def export(
 
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()  # an empty folder is free to take; atomic_folder replaces only a folder of its own kind
-    atomic_folder(out, lambda folder: _write_plain(model, folder), overwrite=overwrite, marker=MODULES_NAME)
+    atomic_folder(out, lambda folder: _write_plain(model, folder, source), overwrite=overwrite, marker=EXPORT_MARKER)
     logger.info("Exported %s to %s (plain SentenceTransformer, %d soft tokens)", adapter, out, module.num_tokens)
     return out
 
 
-def _write_plain(model: SentenceTransformer, folder: Path) -> None:
-    """Fill `folder` with the plain SentenceTransformer. It is built from a reloaded copy of the backbone, so the
-    encoder in memory stays untouched."""
+def _check_output(source: Path | None, out: Path, *, overwrite: bool) -> None:
+    """Refuse, before anything is read or written, an output that would replace the adapter folder `source` (the
+    same folder, resolved through symlinks, one inside it, or one around it) or a folder that is not an earlier
+    export."""
+    if source is not None:
+        target = out.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            relation = "is" if target == source else "is inside" if source in target.parents else "contains"
+            raise ValueError(
+                f"The output folder {out} {relation} the adapter folder {source}: exporting there would replace the "
+                f"adapter. Choose an output folder outside it (nothing was written)."
+            )
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; pass a new or empty folder as the export's output.")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{out} exists and is not empty; pass overwrite=True (CLI: --overwrite) to replace an earlier export."
+            )
+        if not (out / EXPORT_MARKER).is_file():
+            raise FileExistsError(
+                f"{out} is not an earlier export (it has no {EXPORT_MARKER}, which every export writes), and "
+                f"--overwrite replaces only those. Choose a new or empty folder (nothing was changed)."
+            )
+
+
+def _write_plain(model: SentenceTransformer, folder: Path, source: Path | None) -> None:
+    """Fill `folder` with the plain SentenceTransformer and its `spt_export.json` (`source`: the adapter's folder,
+    None for a model passed in memory). It is built from a reloaded copy of the backbone, so the encoder in memory
+    stays untouched."""
     from transformers import AutoModel, AutoTokenizer
 
     from spt_embed.model.backbone import ensure_pad_token
@@ -78,8 +114,10 @@ def _write_plain(model: SentenceTransformer, folder: Path) -> None:
     backbone_dir = folder / "_backbone"
     module.backbone.save_pretrained(backbone_dir)
     module.tokenizer.save_pretrained(backbone_dir)
-    backbone = AutoModel.from_pretrained(backbone_dir, dtype=next(module.backbone.parameters()).dtype)
-    tok = AutoTokenizer.from_pretrained(backbone_dir)
+    backbone = AutoModel.from_pretrained(
+        backbone_dir, dtype=next(module.backbone.parameters()).dtype, trust_remote_code=False, use_safetensors=True
+    )
+    tok = AutoTokenizer.from_pretrained(backbone_dir, trust_remote_code=False)
     ensure_pad_token(tok, backbone_dir)
     before, after = _special_tokens_around_text(tok)
     names = soft_token_names(module.num_tokens, tok.get_vocab())
@@ -106,3 +144,5 @@ def _write_plain(model: SentenceTransformer, folder: Path) -> None:
     modules = [transformer, pooling] + [m for m in list(model)[1:] if isinstance(m, Normalize)]
     plain = SentenceTransformer(modules=modules, device="cpu", prompts=model.prompts or None)
     plain.save(str(folder))
+    record = {"spt_embed_version": __version__, "adapter": str(source) if source else None, "soft_tokens": names}
+    write_json(folder / EXPORT_MARKER, record)

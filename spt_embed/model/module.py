@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
+from spt_embed.atomic import atomic_file
 from spt_embed.model.backbone import Backbone, load_backbone
 from spt_embed.model.base import BackboneModule, grouped_query_sdpa
 from spt_embed.model.config import CONFIG_NAME, WEIGHTS_KEY, WEIGHTS_NAME, Init, Placement, SuffixPromptConfig
@@ -193,7 +195,10 @@ class SuffixPromptModule(BackboneModule):
         backbone/, which the config then names."""
         out = Path(output_path)
         out.mkdir(parents=True, exist_ok=True)
-        save_file({WEIGHTS_KEY: self.soft_prompt.detach().float().cpu().contiguous()}, str(out / WEIGHTS_NAME))
+        # Through atomic_file, not safetensors' save_file: whole or absent, and readable as the umask allows
+        # (save_file creates its file 0600).
+        with atomic_file(out / WEIGHTS_NAME, "wb") as handle:
+            handle.write(safetensors_bytes({WEIGHTS_KEY: self.soft_prompt.detach().float().cpu().contiguous()}))
         ref = self.write_backbone(out) if include_backbone else self.backbone_ref
         SuffixPromptConfig(**{**self.spt_config.to_dict(), "backbone": ref}).save(out)
 

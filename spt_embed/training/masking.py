@@ -46,6 +46,8 @@ def resolve_mask_token_id(tokenizer, mask_token: str | None = None) -> int:
 
 def tokenize_corpus(tokenizer, texts: list[str], max_length: int) -> list[dict[str, list[int]]]:
     """Token ids (truncated to max_length) and the special-token flags of every text; empty results dropped."""
+    if not texts:  # a fast tokenizer called on an empty batch fails with an IndexError (e.g. --eval-lines 0)
+        return []
     encoded = tokenizer(texts, add_special_tokens=True, return_special_tokens_mask=True)
     rows, truncated = [], 0
     for ids, special in zip(encoded["input_ids"], encoded["special_tokens_mask"]):

@@ -8,12 +8,13 @@ Choices a user should know about:
 - The merged model is saved with its language-model head (as a causal LM; LoRA does not touch the head): the
   folder's config.json records ``is_causal: false``, `load_backbone` reads the base decoder out of it with
   AutoModel, and the folder can also be the starting point of more MNTP.
+- Like `spt-embed train`, a run checks its inputs before it writes, and writes only into a new or empty folder or
+  one of its own earlier runs (`--resume` continues one, `--overwrite` replaces one).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import random
@@ -24,8 +25,8 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from spt_embed.atomic import fsync_tree, staging_folder, write_json
-from spt_embed.recipe import is_main_process, resume_checkpoint
+from spt_embed.atomic import publish_entries, staging_folder, write_json
+from spt_embed.recipe import CHECKPOINTS, is_main_process, prepare_run_folder, start_run_folder
 from spt_embed.training.masking import IGNORE, MNTPCollator, mntp_loss, resolve_mask_token_id, tokenize_corpus
 from spt_embed.training.mntp_config import MNTP_CONFIG_NAME, WIKI1M, MNTPConfig
 
@@ -34,6 +35,10 @@ logger = logging.getLogger(__name__)
 EVAL_NAME = "mntp_eval.json"
 LOG_NAME = "mntp_log.jsonl"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's LoRA file inside each checkpoint
+BACKBONE_FILES = "backbone_files"  # the mntp_config.json key listing the saved backbone's entries
+STAGING = "backbone"  # the merged backbone is saved into .backbone.tmp-* first, then moved into the run's folder
+# What the LoRA checkpoints are shaped by: a resume cannot change these (the backbone is checked by fingerprint).
+FIXED_ON_RESUME = ("lora_r", "lora_alpha", "lora_targets")
 WIKI1M_FILE = "wiki1m_prefix/wiki1m_for_simcse.first11914lines.txt"
 
 
@@ -110,11 +115,16 @@ def load_causal_lm(spec: str):
 
     kind, path = resolve_source(spec)
     model_dir = gguf_cache_path(path) if kind == "gguf" else path
-    model_config = AutoConfig.from_pretrained(model_dir)
+    model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)  # an auto_map never runs
     check_supported(model_config)  # before loading any weights
     model_config.is_causal = False
     model, info = AutoModelForCausalLM.from_pretrained(
-        model_dir, config=model_config, dtype=torch.float32, output_loading_info=True
+        model_dir,
+        config=model_config,
+        dtype=torch.float32,
+        output_loading_info=True,
+        trust_remote_code=False,
+        use_safetensors=True,
     )
     head = {name for name in info["missing_keys"] if "lm_head" in name}
     if head:
@@ -123,58 +133,67 @@ def load_causal_lm(spec: str):
             f"predicts tokens with that head. Pass the full causal-LM checkpoint (or the GGUF / registered name)."
         )
     make_bidirectional(model)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     ensure_pad_token(tokenizer, model_dir)
     return model, tokenizer, fingerprint(model.get_decoder())
 
 
-def check_resume(output: Path, config: MNTPConfig, base_fingerprint: str) -> None:
-    """Refuse to resume LoRA checkpoints that belong to another backbone or another LoRA shape."""
-    path = output / MNTP_CONFIG_NAME
-    if not path.is_file():
-        raise ValueError(
-            f"{output} has checkpoints but no {MNTP_CONFIG_NAME}: they were not written by `spt-embed mntp`. "
-            f"Choose another --output."
-        )
-    saved = json.loads(path.read_text(encoding="utf-8"))
+def check_resume_backbone(output: Path, saved: dict[str, Any], config: MNTPConfig, base_fingerprint: str) -> None:
+    """Refuse to resume LoRA checkpoints that belong to another backbone (compared by fingerprint, so a moved
+    backbone folder still resumes)."""
     if saved.get("base_fingerprint") != base_fingerprint:
         raise ValueError(
             f"The LoRA checkpoints in {output} were trained on backbone {saved.get('backbone')!r} (fingerprint "
             f"{saved.get('base_fingerprint')}), but --backbone {config.backbone!r} has fingerprint {base_fingerprint}. "
             f"Resume with --backbone {saved.get('backbone')!r}, or choose another --output (nothing was changed)."
         )
-    for name in ("lora_r", "lora_alpha", "lora_targets"):
-        if saved.get(name) != getattr(config, name):
-            raise ValueError(
-                f"The checkpoints in {output} have {name}={saved.get(name)!r}, this run {getattr(config, name)!r}; "
-                f"resume with the same LoRA settings or choose another --output."
-            )
+
+
+def is_run_entry(name: str, saved: dict[str, Any]) -> bool:
+    """Whether `name` is an entry an mntp run writes into its folder (what --overwrite may remove): its records and
+    checkpoints, the entries of the backbone it saved (listed in its config), or a save cut short."""
+    run = {MNTP_CONFIG_NAME, LOG_NAME, EVAL_NAME, CHECKPOINTS, *saved.get(BACKBONE_FILES, [])}
+    return name in run or name.startswith(f".{STAGING}.tmp-")
 
 
 def mntp(
     config: MNTPConfig | None = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
+    resume_anyway: bool = False,
     callbacks: list[TrainerCallback] | None = None,
     **options: Any,
 ) -> Path:
     """Train LoRA with bidirectional MNTP, merge it and save the backbone to config.output; returns that folder.
 
     `spt_embed.mntp(output="out/bi", corpus="texts.txt", max_steps=300)` takes the same options as the CLI.
+    `output` must be new or empty, or hold an earlier mntp run: `resume` continues it from its newest complete
+    checkpoint (a changed setting is an error, unless `resume_anyway` and it does not change the LoRA shape or the
+    backbone), `overwrite` replaces it.
     """
     from peft import LoraConfig
     from transformers import TrainingArguments, set_seed
 
     from spt_embed.model.backbone import attach_lora
-    from spt_embed.training.run_log import JsonlLogCallback
+    from spt_embed.training.run_log import JsonlLogCallback, UmaskCheckpoints
 
     config = dataclasses.replace(config, **options) if config is not None else MNTPConfig(**options)
     if not config.output:
         raise ValueError("No output folder: pass output='out/my-backbone' (CLI: --output).")
-    output = Path(config.output)
-    checkpoint = resume_checkpoint(output, ADAPTER_WEIGHTS, resume=resume)
-    if not resume and (output / "config.json").is_file():
-        raise FileExistsError(f"{output} already holds a backbone; choose another --output (nothing was overwritten).")
+    output = Path(config.output).expanduser()
+    run = prepare_run_folder(
+        output,
+        config,
+        weights=ADAPTER_WEIGHTS,
+        resume=resume,
+        overwrite=overwrite,
+        owned=is_run_entry,
+        fixed=FIXED_ON_RESUME,
+        ignored=("backbone",),  # compared by fingerprint once the backbone is loaded
+        resume_anyway=resume_anyway,
+    )
+    checkpoint = run.checkpoint
 
     texts = load_corpus(config.corpus, text_field=config.text_field)
     if len(texts) <= config.eval_lines:
@@ -184,8 +203,8 @@ def mntp(
         )
     model, tokenizer, base_fingerprint = load_causal_lm(config.backbone)
     mask_token_id = resolve_mask_token_id(tokenizer, config.mask_token)
-    if checkpoint is not None:
-        check_resume(output, config, base_fingerprint)
+    if run.saved is not None and resume:
+        check_resume_backbone(output, run.saved, config, base_fingerprint)
 
     held_out = set(random.Random(config.seed).sample(range(len(texts)), config.eval_lines))
     train_rows = tokenize_corpus(tokenizer, [t for i, t in enumerate(texts) if i not in held_out], config.max_length)
@@ -206,11 +225,8 @@ def mntp(
         seed=config.seed,
     )
 
-    output.mkdir(parents=True, exist_ok=True)
     if is_main_process():
-        config.save(output, base_fingerprint=base_fingerprint)
-        if checkpoint is None:
-            (output / LOG_NAME).unlink(missing_ok=True)
+        start_run_folder(output, config, run, log=output / LOG_NAME, base_fingerprint=base_fingerprint)
     evaluate = bool(eval_rows) and is_main_process()
     before = heldout_metrics(model, eval_rows, collator, config.batch_size, config.seed) if evaluate else None
     if before:
@@ -237,7 +253,7 @@ def mntp(
         args=args,
         train_dataset=train_rows,
         data_collator=collator,
-        callbacks=[JsonlLogCallback(output / LOG_NAME), *(callbacks or [])],
+        callbacks=[JsonlLogCallback(output / LOG_NAME), UmaskCheckpoints(), *(callbacks or [])],
     )
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if not is_main_process():
@@ -246,13 +262,13 @@ def mntp(
     merged = trainer.model.merge_and_unload()  # LoRA folded into the weights: a plain causal LM again
     merged.eval()
     after = heldout_metrics(merged, eval_rows, collator, config.batch_size, config.seed) if evaluate else None
-    _save_backbone(merged, tokenizer, output)
     result = {
         "base_fingerprint": base_fingerprint,
         "fingerprint": _fingerprint(merged),
         "steps": trainer.state.global_step,
+        BACKBONE_FILES: _save_backbone(merged, tokenizer, output),
     }
-    config.save(output, **result)
+    config.save(output, **result, **run.record())
     evaluation = {"heldout_texts": len(eval_rows), "before": before, "after": after, "steps": result["steps"]}
     write_json(output / EVAL_NAME, evaluation)
     if before and after:
@@ -269,16 +285,14 @@ def _fingerprint(model) -> str:
     return fingerprint(model.get_decoder())
 
 
-def _save_backbone(model, tokenizer, output: Path) -> None:
-    """Write the merged causal LM (safetensors, config.json with is_causal=false) and tokenizer into `output`,
-    staged first (and flushed to disk) so that a failed save leaves no half-written model next to the
-    checkpoints."""
-    staging = staging_folder(output, "backbone")
+def _save_backbone(model, tokenizer, output: Path) -> list[str]:
+    """Write the merged causal LM (safetensors, config.json with is_causal=false) and tokenizer into `output`;
+    returns the entries written. Staged first (and flushed to disk) so that a failed save leaves no half-written
+    model next to the checkpoints, and given the umask's permissions (safetensors' writer makes its files 0600)."""
+    staging = staging_folder(output, STAGING)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        fsync_tree(staging)
-        for item in staging.iterdir():
-            os.replace(item, output / item.name)
+        return publish_entries(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

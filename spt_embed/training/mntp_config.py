@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from spt_embed.recipe import RecipeConfig, Scheduler, parse_enum
+from spt_embed.recipe import RecipeConfig, Scheduler
 
 MNTP_CONFIG_NAME = "mntp_config.json"
 WIKI1M = "wiki1m"  # the bundled corpus, see data/SOURCES.md
@@ -61,9 +61,7 @@ class MNTPConfig(RecipeConfig):
     seed: int = field(default=42, metadata={"help": "Seed for LoRA init, held-out split, masking and data order."})
 
     def __post_init__(self) -> None:
-        if isinstance(self.lora_targets, str):
-            self.lora_targets = [self.lora_targets]
-        self.scheduler = parse_enum(Scheduler, self.scheduler, "scheduler")
+        self.check_types()  # also: one string for a list field becomes a list, enum values become members
         for name in ("batch_size", "max_steps", "lora_r", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")

@@ -3,7 +3,7 @@
 Both `spt-embed train` and `spt-embed mntp` hand `JsonlLogCallback` to their trainer; lines are appended, so the
 log survives kills and continues on resume. Each line carries its wall-clock `time` (Unix seconds), from which
 `training_minutes` recovers the time spent training at each step: the clock between logs, less the dev
-evaluations' own runtime, summed over every (resumed) segment of the run.
+evaluations' own runtime, summed over every (resumed) segment of the run. Both also hand it `UmaskCheckpoints`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from spt_embed.atomic import atomic_file
+from spt_embed.atomic import apply_umask, atomic_file
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -34,6 +34,16 @@ class JsonlLogCallback(TrainerCallback):
     def _append(self, record: dict) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+
+
+class UmaskCheckpoints(TrainerCallback):
+    """Gives each checkpoint, once written, the permissions the umask allows: peft saves LoRA weights through
+    safetensors' writer, which creates files 0600 (readable by their owner only) whatever the umask."""
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            apply_umask(checkpoint)
 
 
 def training_minutes(records: list[dict]) -> list[tuple[int, float]]:

@@ -4,18 +4,31 @@ Our code only builds the encoder (frozen backbone + soft tokens; the module pick
 the data and the loss; the loop, schedule, checkpoints and multi-process training are the trainer's. With
 ``method=lora`` the same machinery trains the LoRA baseline instead: the PromptEOL encoder of the same backbone
 with LoRA on its projections, merged and saved as a SentenceTransformer folder at the end.
+
+A run writes nothing before its inputs are checked (options, data, backbone, the folder, a resume's settings),
+writes only into a new or empty folder or one of its own earlier runs (see `spt_embed.recipe.prepare_run_folder`),
+and saves no adapter when it trained for no step.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
+import re
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spt_embed.recipe import is_main_process, resume_checkpoint, world_size
-from spt_embed.training.run_log import JsonlLogCallback, plot_log
+from spt_embed.atomic import publish_entries, staging_folder
+from spt_embed.recipe import (
+    CHECKPOINTS,
+    checkpoint_step,
+    is_main_process,
+    prepare_run_folder,
+    start_run_folder,
+    world_size,
+)
+from spt_embed.training.run_log import JsonlLogCallback, UmaskCheckpoints, plot_log
 from spt_embed.training.train_config import TRAIN_CONFIG_NAME, Method, TrainConfig
 
 if TYPE_CHECKING:
@@ -25,6 +38,15 @@ logger = logging.getLogger(__name__)
 
 LOG_NAME = "train_log.jsonl"
 PLOT_NAME = "training.png"
+STAGING = "adapter"  # the trained encoder is saved into .adapter.tmp-* first, then moved into the run's folder
+
+# What a checkpoint's tensors are shaped by, or trained on: a resume cannot change these.
+FIXED_ON_RESUME = ("method", "backbone", "num_tokens", "placement", "lora_r", "lora_alpha", "lora_targets")
+# The options one method does not read; a resume does not compare them.
+UNUSED_BY = {
+    Method.SPT: ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
+    Method.LORA: ("num_tokens", "init", "init_text", "placement"),
+}
 
 
 def checkpoint_weights(method: Method) -> str:
@@ -92,8 +114,28 @@ def load_datasets(config: TrainConfig):
                 f"Training source {source} has {rows} usable rows, fewer than one batch ({config.batch_size}); "
                 f"add data or lower --batch-size."
             )
+        _check_one_batch(datasets[name], source, config)
         logger.info("Training source %s: %d rows, columns %s", source, rows, datasets[name].column_names)
     return next(iter(datasets.values())) if len(datasets) == 1 else datasets
+
+
+def _check_one_batch(dataset, source: str, config: TrainConfig) -> None:
+    """The trainer's no-duplicates sampler (every text of a batch differs: the others are its in-batch negatives)
+    must be able to fill one batch, else training runs zero steps. Drawing the first batch is cheap; only data
+    that cannot fill one is read through."""
+    import torch
+    from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
+
+    sampler = NoDuplicatesBatchSampler(
+        dataset, batch_size=config.batch_size, drop_last=True, generator=torch.Generator(), seed=config.seed
+    )
+    if next(iter(sampler), None) is None:
+        distinct = len({text for column in dataset.column_names for text in dataset[column]})
+        raise ValueError(
+            f"Training source {source}: no batch of {config.batch_size} rows whose texts all differ can be formed "
+            f"from its {len(dataset)} rows ({distinct} distinct texts), so training would run 0 steps. In-batch "
+            f"negatives need every text of a batch to differ: add rows with other texts, or lower --batch-size."
+        )
 
 
 def build_model(config: TrainConfig):
@@ -126,23 +168,24 @@ def build_model(config: TrainConfig):
     )
 
 
-def _check_resume_method(output: Path, config: TrainConfig) -> None:
-    """Checkpoints of one method cannot continue as the other."""
-    path = output / TRAIN_CONFIG_NAME
-    if not path.is_file():
-        return
-    saved = json.loads(path.read_text(encoding="utf-8")).get("method", Method.SPT.value)
-    if saved != config.method.value:
-        raise ValueError(
-            f"{output} holds a --method {saved} run; this run is --method {config.method.value}. Resume with "
-            f"--method {saved}, or choose another --output (nothing was changed)."
-        )
+def is_run_entry(name: str, saved: dict[str, Any]) -> bool:
+    """Whether `name` is an entry a training run writes into its folder (what --overwrite may remove)."""
+    from spt_embed.model.baselines import BACKBONE_SUBDIR, BASELINE_CONFIG_NAME, LORA_SUBDIR
+    from spt_embed.model.config import CONFIG_NAME, WEIGHTS_NAME
+
+    encoder = {"modules.json", "config_sentence_transformers.json", "README.md", CONFIG_NAME, WEIGHTS_NAME}
+    encoder |= {BASELINE_CONFIG_NAME, BACKBONE_SUBDIR, LORA_SUBDIR}
+    run = {TRAIN_CONFIG_NAME, LOG_NAME, PLOT_NAME, CHECKPOINTS}
+    # "1_Normalize": a sentence-transformers module folder; ".adapter.tmp-*": a save cut short.
+    return name in encoder | run or bool(re.fullmatch(r"\d+_\w+|\." + STAGING + r"\.tmp-.*", name))
 
 
 def train(
     config: TrainConfig | None = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
+    resume_anyway: bool = False,
     callbacks: list[TrainerCallback] | None = None,
     **options: Any,
 ):
@@ -150,6 +193,9 @@ def train(
     (best dev checkpoint when evaluating; for lora with LoRA merged), also saved to `output`.
 
     `spt_embed.train(output="out/enc", data=["snli-triplets"], max_steps=300)` takes the same options as the CLI.
+    `output` must be new or empty, or hold an earlier training run: `resume` continues it from its newest complete
+    checkpoint (a changed setting is an error, unless `resume_anyway` and it does not change what the checkpoint
+    holds), `overwrite` replaces it.
     """
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
@@ -157,19 +203,25 @@ def train(
     config = config or TrainConfig(**options)
     if not config.output:
         raise ValueError("No output folder: pass output='out/my-encoder' (CLI: --output).")
-    output = Path(config.output)
-    if resume:
-        _check_resume_method(output, config)
-    checkpoint = resume_checkpoint(output, checkpoint_weights(config.method), resume=resume)
-    output.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        config.save(output)
-        if not resume:
-            (output / LOG_NAME).unlink(missing_ok=True)
-
+    output = Path(config.output).expanduser()
+    run = prepare_run_folder(
+        output,
+        config,
+        weights=checkpoint_weights(config.method),
+        resume=resume,
+        overwrite=overwrite,
+        owned=is_run_entry,
+        fixed=FIXED_ON_RESUME,
+        ignored=UNUSED_BY[config.method],
+        resume_anyway=resume_anyway,
+    )
+    checkpoint = run.checkpoint
     dataset = load_datasets(config)
     model = build_model(config)
     evaluating = config.eval_steps > 0
+    evaluator = build_dev_evaluator(config) if evaluating else None
+    if is_main_process():
+        start_run_folder(output, config, run, log=output / LOG_NAME)
     cuda = _cuda()
     args = SentenceTransformerTrainingArguments(
         **config.trainer_arguments(output),
@@ -190,14 +242,21 @@ def train(
         args=args,
         train_dataset=dataset,
         loss=build_loss(model, config),
-        evaluator=build_dev_evaluator(config) if evaluating else None,
-        callbacks=[JsonlLogCallback(output / LOG_NAME), *(callbacks or [])],
+        evaluator=evaluator,
+        callbacks=[JsonlLogCallback(output / LOG_NAME), UmaskCheckpoints(), *(callbacks or [])],
     )
+    start = checkpoint_step(checkpoint) if checkpoint else 0
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if trainer.state.global_step == start < config.max_steps:
+        raise ValueError(
+            f"Training ran 0 optimiser steps (from step {start}): the data loader gave no batch of "
+            f"{config.batch_size} rows whose texts all differ. Nothing was saved as the adapter; add rows with other "
+            f"texts, or lower --batch-size."
+        )
     if config.method is Method.LORA:
         model[0].merge_lora()  # a plain decoder again: the saved folder needs no peft
     if is_main_process():
-        model.save(str(output))
+        _save_encoder(model, output)
         if (output / LOG_NAME).is_file():
             plot_log(output / LOG_NAME, output / PLOT_NAME, DEV_METRIC)
         best = trainer.state.best_metric
@@ -208,6 +267,18 @@ def train(
             f" (best STS-B dev Spearman {best:.4f})" if best is not None else "",
         )
     return model
+
+
+def _save_encoder(model, output: Path) -> None:
+    """Save the trained encoder into the run's folder beside its checkpoints and logs: staged first, so that a
+    failed save leaves no half-written encoder, and given the umask's permissions (safetensors' writer makes its
+    files 0600)."""
+    staging = staging_folder(output, STAGING)
+    try:
+        model.save(str(staging))
+        publish_entries(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _cuda() -> bool:

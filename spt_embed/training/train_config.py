@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from spt_embed.model.config import Init, Placement
-from spt_embed.recipe import RecipeConfig, Scheduler, parse_enum
+from spt_embed.recipe import RecipeConfig, Scheduler
 
 TRAIN_CONFIG_NAME = "train_config.json"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -73,14 +73,7 @@ class TrainConfig(RecipeConfig):
     seed: int = field(default=42, metadata={"help": "Seed for init, data order and everything else."})
 
     def __post_init__(self) -> None:
-        if isinstance(self.data, str):
-            self.data = [self.data]
-        if isinstance(self.lora_targets, str):
-            self.lora_targets = [self.lora_targets]
-        self.method = parse_enum(Method, self.method, "method")
-        self.init = parse_enum(Init, self.init, "init")
-        self.placement = parse_enum(Placement, self.placement, "placement")
-        self.scheduler = parse_enum(Scheduler, self.scheduler, "scheduler")
+        self.check_types()  # also: one string for a list field becomes a list, enum values become members
         positive = {"num_tokens", "batch_size", "max_steps", "max_length", "logging_steps", "mini_batch_size", "lora_r"}
         for name in positive:
             if getattr(self, name) < 1:
