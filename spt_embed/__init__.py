@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "BackboneRef": "spt_embed.model.config",
     "Init": "spt_embed.model.config",
     "Placement": "spt_embed.model.config",
+    "Readout": "spt_embed.model.config",
     "SuffixPromptConfig": "spt_embed.model.config",
     "SuffixPromptEncoder": "spt_embed.model.encoder",
     "load": "spt_embed.model.encoder",
@@ -60,7 +61,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from spt_embed.model.backbone import load_backbone
-    from spt_embed.model.config import BackboneRef, Init, Placement, SuffixPromptConfig
+    from spt_embed.model.config import BackboneRef, Init, Placement, Readout, SuffixPromptConfig
     from spt_embed.model.encoder import SuffixPromptEncoder, load, save
     from spt_embed.model.export import export
     from spt_embed.model.module import ForwardPath, SuffixPromptModule

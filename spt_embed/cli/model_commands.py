@@ -20,7 +20,11 @@ def add_encode_parser(subparsers) -> None:
     enc.add_argument(
         "--text-field", default="text", help="field (.jsonl/.json) or column (.csv/.tsv) with the text (default: text)"
     )
-    enc.add_argument("--prompt", default=None, help="instruction prepended to every text")
+    enc.add_argument(
+        "--prompt",
+        default=None,
+        help="instruction prepended to every text (inside the encoder's own text template, if it has one)",
+    )
     enc.add_argument("--batch-size", type=int, default=32)
     add_dtype_argument(enc)
     enc.add_argument("--overwrite", action="store_true", help="replace an existing output file")
@@ -28,7 +32,7 @@ def add_encode_parser(subparsers) -> None:
 
 
 def add_info_parser(subparsers) -> None:
-    info = subparsers.add_parser("info", help="describe an adapter: backbone, K, trainable parameters")
+    info = subparsers.add_parser("info", help="describe an adapter: backbone, K, readout, trainable parameters")
     info.add_argument("model", help="adapter folder or bundled adapter name")
     info.set_defaults(func=run_info)
 
@@ -50,7 +54,7 @@ def run_encode(args: argparse.Namespace) -> None:
 
     from spt_embed.atomic import atomic_file
     from spt_embed.cli.texts import read_texts
-    from spt_embed.model.encoder import open_encoder
+    from spt_embed.model.encoder import compose_prompt, open_encoder
 
     output = Path(args.output)
     if output.suffix != ".npy":
@@ -60,7 +64,11 @@ def run_encode(args: argparse.Namespace) -> None:
     texts = read_texts(args.input, text_field=args.text_field)
     model = open_encoder(args.model, dtype=args.dtype)
     embeddings = model.encode(
-        texts, batch_size=args.batch_size, prompt=args.prompt, show_progress_bar=True, convert_to_numpy=True
+        texts,
+        batch_size=args.batch_size,
+        prompt=compose_prompt(model, args.prompt),
+        show_progress_bar=True,
+        convert_to_numpy=True,
     )
     with atomic_file(output, "wb") as handle:  # an interrupted run never leaves a truncated .npy
         np.save(handle, embeddings.astype(np.float32))
@@ -68,13 +76,14 @@ def run_encode(args: argparse.Namespace) -> None:
 
 
 def run_info(args: argparse.Namespace) -> None:
-    from spt_embed.model.encoder import load
+    from spt_embed.model.encoder import default_prompt, load
 
     model = load(args.model)
     module = model.prompt_module
     ref, cfg = module.backbone_ref, module.spt_config
-    trainable = module.soft_prompt.numel()
-    total = trainable + sum(p.numel() for p in module.backbone.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)  # soft tokens (+ layer-mix weights)
+    total = sum(p.numel() for p in module.parameters())
+    template = default_prompt(model)
     rows = [
         ("backbone", ref.source),
         ("model type", ref.model_type),
@@ -84,6 +93,8 @@ def run_info(args: argparse.Namespace) -> None:
         ("soft tokens (K)", f"{cfg.num_tokens}"),
         ("placement", cfg.placement.value),
         ("init", cfg.init.value + (f" ({cfg.init_text!r})" if cfg.init.value == "text" else "")),
+        ("readout", cfg.readout.value),
+        ("text template", f"{template!r} before every text" if template else "none"),
         ("max length", f"{cfg.max_length} (text + soft tokens)"),
         ("normalised", "yes" if len(model) > 1 else "no"),
         ("trainable parameters", f"{trainable:,}"),

@@ -125,11 +125,29 @@ def load_model(resolved: ResolvedModel, *, device: str | None = None, dtype: str
 
 
 def mteb_encoder(model, *, query_prompt: str | None = None, document_prompt: str | None = None):
-    """Wrap a SentenceTransformer for mteb; retrieval queries/documents get their text prompt (mteb prompt types)."""
+    """Wrap a SentenceTransformer for mteb; retrieval queries/documents get their text prompt (mteb prompt types).
+
+    An encoder with a text template (its default prompt) keeps it everywhere, once: a query/document prompt goes
+    inside it (`compose_prompt`), and the wrapper is built while the model holds only the `query` / `document`
+    prompts that mteb knows (it would drop or warn about `default`), with `default` put back afterwards for the
+    tasks that encode with no prompt type (STS, classification), where sentence-transformers applies it."""
     from mteb.models import SentenceTransformerEncoderWrapper
 
-    prompts = {name: text for name, text in (("query", query_prompt), ("document", document_prompt)) if text}
-    return SentenceTransformerEncoderWrapper(model, model_prompts=prompts or None)
+    from spt_embed.model.encoder import compose_prompt, default_prompt
+
+    template = default_prompt(model)
+    if template is None:
+        prompts = {name: text for name, text in (("query", query_prompt), ("document", document_prompt)) if text}
+        return SentenceTransformerEncoderWrapper(model, model_prompts=prompts or None)
+    saved = dict(model.prompts)
+    model.prompts = {
+        "query": compose_prompt(model, query_prompt) or saved.get("query") or template,
+        "document": compose_prompt(model, document_prompt) or saved.get("document") or template,
+    }
+    try:
+        return SentenceTransformerEncoderWrapper(model, model_prompts=None)
+    finally:
+        model.prompts = {**saved, **model.prompts}
 
 
 # ---------------------------------------------------------------------------------------------------------------

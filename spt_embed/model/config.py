@@ -14,6 +14,7 @@ from spt_embed.recipe import parse_enum
 CONFIG_NAME = "spt_config.json"
 WEIGHTS_NAME = "soft_prompt.safetensors"
 WEIGHTS_KEY = "soft_prompt"
+LAYER_WEIGHTS_KEY = "layer_weights"  # the layer-mix readout's weights, beside the soft tokens in WEIGHTS_NAME
 
 
 class Init(str, enum.Enum):
@@ -29,6 +30,14 @@ class Placement(str, enum.Enum):
 
     SUFFIX = "suffix"  # after the text: the default and the paper's choice
     PREFIX = "prefix"  # before the text (Lester et al. 2021), for ablations
+
+
+class Readout(str, enum.Enum):
+    """Where the embedding is read from the backbone's hidden states."""
+
+    LAST = "last"  # the final hidden state at the last position (after the K soft tokens with suffix placement)
+    SOFT_MEAN = "soft-mean"  # the mean of the final hidden states at the K soft positions
+    LAYER_MIX = "layer-mix"  # trained weights over every layer's state (embeddings included) at the last position
 
 
 @dataclass
@@ -60,6 +69,14 @@ class SuffixPromptConfig:
     max_length: int = field(
         default=512, metadata={"help": "Maximum sequence length including the K soft tokens; texts are cut to fit."}
     )
+    readout: Readout = field(
+        default=Readout.LAST,
+        metadata={
+            "help": "Where the embedding is read: last (the last position's final hidden state), soft-mean (mean "
+            "over the K soft positions) or layer-mix (trained per-layer weights at the last position, saved with "
+            "the soft tokens). Configs written without this field read 'last'."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed for random and vocab initialisation."})
     spt_embed_version: str = field(default="", metadata={"help": "Library version that wrote the config."})
 
@@ -70,6 +87,13 @@ class SuffixPromptConfig:
             raise ValueError(f"num_tokens must be an integer >= 1, got {self.num_tokens!r}.")
         self.init = parse_enum(Init, self.init, "init")
         self.placement = parse_enum(Placement, self.placement, "placement")
+        self.readout = parse_enum(Readout, self.readout, "readout")
+        if self.readout is Readout.SOFT_MEAN and self.placement is Placement.PREFIX and self.backbone.is_causal:
+            raise ValueError(
+                "readout='soft-mean' with placement='prefix' on a causal backbone reads soft tokens that come before "
+                "the text and so never see it: every text would get the same embedding. Use placement='suffix' or "
+                "another readout."
+            )
         if self.init is Init.TEXT and not self.init_text.strip():
             raise ValueError("init='text' needs a non-empty init_text; pass init_text='...' or use init='vocab'.")
         if self.max_length <= self.num_tokens:
@@ -86,6 +110,7 @@ class SuffixPromptConfig:
         data = asdict(self)
         data["init"] = self.init.value
         data["placement"] = self.placement.value
+        data["readout"] = self.readout.value
         return data
 
     def save(self, directory: str | Path) -> None:

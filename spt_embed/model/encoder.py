@@ -10,7 +10,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Normalize
 
-from spt_embed.model.config import Init, Placement
+from spt_embed.model.config import Init, Placement, Readout
 from spt_embed.model.dtypes import parse_dtype
 from spt_embed.model.loading import load_folder
 from spt_embed.model.module import SuffixPromptModule
@@ -30,12 +30,19 @@ class SuffixPromptEncoder(SentenceTransformer):
         init_text: str | None = None,
         placement: Placement | str = Placement.SUFFIX,
         max_length: int = 512,
+        readout: Readout | str = Readout.LAST,
+        prompt: str | None = None,
         normalize: bool = True,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
         device: str | None = None,
     ) -> SuffixPromptEncoder:
-        """A fresh (untrained) encoder on a frozen backbone: a registered name, a model directory or a GGUF file."""
+        """A fresh (untrained) encoder on a frozen backbone: a registered name, a model directory or a GGUF file.
+
+        `prompt`: a hard text template put before every text (e.g. 'This sentence : "'), the soft tokens following
+        the text; it becomes the encoder's default sentence-transformers prompt (see `template_prompts`)."""
+        if prompt is not None and (not isinstance(prompt, str) or not prompt):
+            raise ValueError(f"prompt must be a non-empty string or None, got {prompt!r}.")
         module = SuffixPromptModule.from_backbone(
             backbone,
             num_tokens=num_tokens,
@@ -43,15 +50,44 @@ class SuffixPromptEncoder(SentenceTransformer):
             init_text=init_text,
             placement=placement,
             max_length=max_length,
+            readout=readout,
             seed=seed,
             dtype=dtype,
         )
         modules: list[torch.nn.Module] = [module, Normalize()] if normalize else [module]
-        return cls(modules=modules, device=device)
+        if prompt is None:
+            return cls(modules=modules, device=device)
+        return cls(modules=modules, device=device, prompts=template_prompts(prompt), default_prompt_name=DEFAULT_PROMPT)
 
     @property
     def prompt_module(self) -> SuffixPromptModule:
         return self[0]
+
+
+DEFAULT_PROMPT = "default"  # the name of an encoder's text template among its sentence-transformers prompts
+
+
+def template_prompts(template: str) -> dict[str, str]:
+    """The sentence-transformers prompts of an encoder whose every text goes inside `template`: the default prompt
+    (`encode`), and the same text as its `query` and `document` prompts, which `encode_query` / `encode_document`
+    (mteb's retrieval, `spt-embed index`) pick instead of the default and which are otherwise empty."""
+    return {DEFAULT_PROMPT: template, "query": template, "document": template}
+
+
+def default_prompt(model: SentenceTransformer) -> str | None:
+    """The prompt `model.encode` applies when it is given none (its `default_prompt_name`'s), or None."""
+    name = model.default_prompt_name
+    return (model.prompts.get(name) or None) if name else None
+
+
+def compose_prompt(model: SentenceTransformer, prompt: str | None) -> str | None:
+    """An explicit `prompt` (an instruction, a query prompt) for `model.encode*`, placed after the model's default
+    prompt: sentence-transformers replaces the default prompt by an explicit one, which would drop an encoder's
+    text template. The instruction goes inside the template, before the text, as the PromptEOL baseline's does.
+    None stays None: the model then applies its own prompts."""
+    if prompt is None:
+        return None
+    return (default_prompt(model) or "") + prompt
 
 
 def resolve_adapter_path(name_or_path: str | os.PathLike) -> Path:

@@ -2,7 +2,9 @@
 
 The K soft tokens become K added special tokens whose input-embedding rows hold the trained vectors; the
 tokenizer's post-processor appends them to every text (after truncation, which leaves room for them); pooling is
-sentence-transformers' own last-token pooling.
+sentence-transformers' own last-token pooling. That covers the `last` readout only: the `soft-mean` and `layer-mix`
+readouts need the adapter's own module (`spt_embed.load`). An encoder's text template (its default prompt) goes
+into the export's sentence-transformers prompts.
 
 Every export holds `spt_export.json` (the spt-embed version, the adapter exported, the soft tokens' names): the
 mark by which `overwrite=True` recognises a folder it may replace. Any other non-empty folder, and any output that
@@ -24,7 +26,7 @@ from tokenizers.processors import TemplateProcessing
 
 from spt_embed._version import __version__
 from spt_embed.atomic import atomic_folder, write_json
-from spt_embed.model.config import Placement
+from spt_embed.model.config import Placement, Readout
 from spt_embed.model.encoder import load, resolve_adapter_path
 from spt_embed.model.module import SuffixPromptModule
 
@@ -68,6 +70,13 @@ def export(
         raise TypeError(f"Expected a suffix-prompt encoder, got first module {type(module).__name__}.")
     if module.spt_config.placement is not Placement.SUFFIX:
         raise ValueError("Only suffix placement can be exported as a plain SentenceTransformer (prefix cannot pool last).")
+    if module.readout is not Readout.LAST:
+        raise ValueError(
+            f"Readout {module.readout.value!r} cannot be exported as a plain SentenceTransformer: its pooling "
+            f"(last-token pooling of the final layer) reads only the 'last' readout. Use the adapter itself: "
+            f"spt_embed.load(...) (or SentenceTransformer(adapter, trust_remote_code=True)) gives the same encoder "
+            f"(nothing was written)."
+        )
 
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()  # an empty folder is free to take; atomic_folder replaces only a folder of its own kind
@@ -142,7 +151,9 @@ def _write_plain(model: SentenceTransformer, folder: Path, source: Path | None) 
     transformer = Transformer(str(folder), max_seq_length=module.max_seq_length)
     pooling = Pooling(module.get_embedding_dimension(), pooling_mode="lasttoken")
     modules = [transformer, pooling] + [m for m in list(model)[1:] if isinstance(m, Normalize)]
-    plain = SentenceTransformer(modules=modules, device="cpu", prompts=model.prompts or None)
+    plain = SentenceTransformer(
+        modules=modules, device="cpu", prompts=model.prompts or None, default_prompt_name=model.default_prompt_name
+    )
     plain.save(str(folder))
     record = {"spt_embed_version": __version__, "adapter": str(source) if source else None, "soft_tokens": names}
     write_json(folder / EXPORT_MARKER, record)

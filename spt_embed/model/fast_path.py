@@ -3,8 +3,10 @@
 Under causal attention the soft tokens after a text cannot change the text's hidden states, so the text needs no
 graph: it runs once without gradients, its keys/values are kept, and only the K soft tokens run on top of them
 with gradients. The text pass packs the batch's texts into a few rows (a random training batch is about half
-padding otherwise); the soft pass then runs over the whole batch at once on the unpacked keys/values. The result
-equals the full pass over [text | soft tokens] (tests/test_encoder.py), for a fraction of the backward cost.
+padding otherwise); the soft pass then runs over the whole batch at once on the unpacked keys/values. The soft
+pass's states, of every layer when asked, are those of the K soft positions in the full pass over [text | soft
+tokens], so every readout (last position, soft-position mean, layer mix) reads the same embedding from it
+(tests/test_encoder.py, tests/test_readout_template.py), for a fraction of the backward cost.
 """
 
 from __future__ import annotations
@@ -15,14 +17,9 @@ import inspect
 import torch
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from spt_embed.model.soft_prompt import (
-    expand_soft_prompt,
-    last_token_pool,
-    pack_texts,
-    suffix_position_ids,
-    unpack_states,
-)
+from spt_embed.model.soft_prompt import expand_soft_prompt, pack_texts, suffix_position_ids, unpack_states
 
 
 class ForwardPath(str, enum.Enum):
@@ -39,8 +36,10 @@ def fast_forward(
     *,
     pack_tokens: int,
     pad_token_id: int,
-) -> torch.Tensor:
-    """Last hidden state after the soft tokens, (B, H), for left-padded `input_ids` (B, L) and a causal backbone.
+    output_hidden_states: bool = False,
+) -> BaseModelOutputWithPast:
+    """The backbone's output over the K soft tokens after left-padded `input_ids` (B, L) on a causal backbone:
+    `last_hidden_state` (B, K, H) and, with `output_hidden_states`, the K positions' states of every layer.
 
     `pack_tokens`: tokens per packed row of the text pass (a longer text gets a row of its own)."""
     packed, positions, index = pack_texts(input_ids, attention_mask, pack_tokens, pad_token_id)
@@ -59,14 +58,14 @@ def fast_forward(
     batch, num_tokens = input_ids.shape[0], soft_prompt.shape[0]
     soft = expand_soft_prompt(soft_prompt, batch, dtype)  # (B, K, H)
     full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, num_tokens)], dim=1)  # (B, L+K)
-    out = backbone(
+    return backbone(
         inputs_embeds=soft,
         attention_mask=full_mask,
         position_ids=suffix_position_ids(attention_mask, num_tokens),
         use_cache=True,
+        output_hidden_states=output_hidden_states,
         **{cache_arg: cache},
     )
-    return last_token_pool(out.last_hidden_state)  # (B, H)
 
 
 def _cache_argument(backbone: torch.nn.Module) -> str:

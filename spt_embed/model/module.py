@@ -1,6 +1,6 @@
 """The suffix prompt as a sentence-transformers input module: tokenise, splice the soft tokens in, run the frozen
-backbone, pool. The fast forward path for training lives in fast_path.py, what every backbone method shares in
-base.py."""
+backbone, read the embedding out (the readouts are in soft_prompt.py). The fast forward path for training lives in
+fast_path.py, what every backbone method shares in base.py."""
 
 from __future__ import annotations
 
@@ -18,21 +18,37 @@ from safetensors.torch import save as safetensors_bytes
 from spt_embed.atomic import atomic_file
 from spt_embed.model.backbone import Backbone, load_backbone
 from spt_embed.model.base import BackboneModule, grouped_query_sdpa
-from spt_embed.model.config import CONFIG_NAME, WEIGHTS_KEY, WEIGHTS_NAME, Init, Placement, SuffixPromptConfig
+from spt_embed.model.config import (
+    CONFIG_NAME,
+    LAYER_WEIGHTS_KEY,
+    WEIGHTS_KEY,
+    WEIGHTS_NAME,
+    Init,
+    Placement,
+    Readout,
+    SuffixPromptConfig,
+)
 from spt_embed.model.fast_path import ForwardPath, fast_forward
-from spt_embed.model.soft_prompt import init_soft_prompt, last_token_pool, left_pad_position_ids, splice
+from spt_embed.model.soft_prompt import init_layer_weights, init_soft_prompt, left_pad_position_ids, pool, splice
 
 logger = logging.getLogger(__name__)
 
 class SuffixPromptModule(BackboneModule):
-    """K trainable soft tokens appended to every text; the frozen backbone's last hidden state is the embedding."""
+    """K trainable soft tokens appended to every text; the frozen backbone's hidden states, read out as the config's
+    `readout` says, are the embedding. With readout='layer-mix' the per-layer weights train too."""
 
     config_file_name = CONFIG_NAME
     DEFAULT_PACK_TOKENS = 64
     folder_kind = "Adapter"
     mismatch_hint = "its soft tokens will not mean the same there. Load it on the backbone it was trained on"
 
-    def __init__(self, backbone: Backbone, config: SuffixPromptConfig, soft_prompt: torch.Tensor | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        config: SuffixPromptConfig,
+        soft_prompt: torch.Tensor | None = None,
+        layer_weights: torch.Tensor | None = None,
+    ):
         super().__init__(backbone)
         hidden = backbone.model.config.hidden_size
         if config.backbone.hidden_size and config.backbone.hidden_size != hidden:
@@ -58,6 +74,23 @@ class SuffixPromptModule(BackboneModule):
             raise ValueError(f"Soft prompt has shape {tuple(soft_prompt.shape)}, expected {expected} (K, hidden).")
         device = next(self.backbone.parameters()).device
         self.soft_prompt = torch.nn.Parameter(soft_prompt.detach().to(device=device, dtype=torch.float32).clone())
+        self.layer_weights: torch.nn.Parameter | None = None
+        if config.readout is Readout.LAYER_MIX:
+            # One weight per entry of the backbone's `hidden_states` (output_hidden_states=True): the embedding
+            # output, the residual stream after each decoder layer but the last (no final norm), and, last, the
+            # final layer's output after the final norm, which is `last_hidden_state`, where the mix starts.
+            num_states = self.backbone.config.num_hidden_layers + 1
+            if layer_weights is None:
+                layer_weights = init_layer_weights(num_states)
+            if tuple(layer_weights.shape) != (num_states,):
+                raise ValueError(
+                    f"Layer-mix weights have shape {tuple(layer_weights.shape)}, expected ({num_states},): one per "
+                    f"layer of the backbone plus its embedding output. Load the adapter on the backbone it was "
+                    f"trained for ({config.backbone.source!r})."
+                )
+            self.layer_weights = torch.nn.Parameter(layer_weights.detach().to(device=device, dtype=torch.float32))
+        elif layer_weights is not None:
+            raise ValueError(f"Layer-mix weights were given, but the readout is {config.readout.value!r}.")
         self.forward_path = ForwardPath.AUTO
         # Tokens per packed row in the fast path's text pass: attention inside a row costs row_tokens**2, so rows
         # stay short; a text longer than this gets a row of its own.
@@ -72,7 +105,8 @@ class SuffixPromptModule(BackboneModule):
         cls, backbone: str | os.PathLike | Backbone, *, dtype: torch.dtype = torch.float32, **config: Any
     ) -> SuffixPromptModule:
         """A fresh module on `backbone` (a spec, loaded in `dtype`, or a loaded Backbone). `config`: fields of
-        SuffixPromptConfig (num_tokens, init, init_text, placement, max_length, seed); None keeps a default."""
+        SuffixPromptConfig (num_tokens, init, init_text, placement, max_length, readout, seed); None keeps a
+        default."""
         if not isinstance(backbone, Backbone):
             backbone = load_backbone(backbone, dtype=dtype)
         given = {name: value for name, value in config.items() if value is not None}
@@ -83,6 +117,10 @@ class SuffixPromptModule(BackboneModule):
     @property
     def num_tokens(self) -> int:
         return self.spt_config.num_tokens
+
+    @property
+    def readout(self) -> Readout:
+        return self.spt_config.readout
 
     @property
     def max_seq_length(self) -> int:
@@ -127,18 +165,28 @@ class SuffixPromptModule(BackboneModule):
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
         input_ids, attention_mask = features["input_ids"], features["attention_mask"]
         path = self.resolve_path(input_ids.shape[1])
+        all_layers = self.readout is Readout.LAYER_MIX
         with grouped_query_sdpa():
             if path is ForwardPath.FAST:
-                hidden = fast_forward(
+                out = fast_forward(
                     self.backbone,
                     self.soft_prompt,
                     input_ids,
                     attention_mask,
                     pack_tokens=self.pack_tokens,
                     pad_token_id=self.tokenizer.pad_token_id,
+                    output_hidden_states=all_layers,
                 )
             else:
-                hidden = self._full_forward(input_ids, attention_mask)
+                out = self._full_forward(input_ids, attention_mask, output_hidden_states=all_layers)
+        hidden = pool(
+            self.readout,
+            out.last_hidden_state,
+            out.hidden_states,
+            num_tokens=self.num_tokens,
+            placement=self.spt_config.placement,
+            layer_weights=self.layer_weights,
+        )  # (B, H)
         # fp32 out whatever the backbone's dtype: normalising and FAISS then work at full precision.
         features["sentence_embedding"] = hidden.float()  # (B, H)
         return features
@@ -173,13 +221,17 @@ class SuffixPromptModule(BackboneModule):
             self._logged_path = path
         return path
 
-    def _full_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _full_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, output_hidden_states: bool):
+        """The backbone's output over the spliced sequence (B, L+K, H); every layer's states too if asked."""
         text_embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, L, H)
         embeds, mask = splice(text_embeds, attention_mask, self.soft_prompt, self.spt_config.placement)  # (B, L+K, H)
-        out = self.backbone(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=left_pad_position_ids(mask), use_cache=False
+        return self.backbone(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=left_pad_position_ids(mask),
+            use_cache=False,
+            output_hidden_states=output_hidden_states,
         )
-        return last_token_pool(out.last_hidden_state)  # (B, H)
 
     # ----- persistence --------------------------------------------------------------------------------------
 
@@ -191,14 +243,17 @@ class SuffixPromptModule(BackboneModule):
         include_backbone: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Write the soft tokens (safetensors) and spt_config.json; with `include_backbone` the backbone too, in
-        backbone/, which the config then names."""
+        """Write the soft tokens (and the layer-mix weights, if any) as safetensors and spt_config.json; with
+        `include_backbone` the backbone too, in backbone/, which the config then names."""
         out = Path(output_path)
         out.mkdir(parents=True, exist_ok=True)
         # Through atomic_file, not safetensors' save_file: whole or absent, and readable as the umask allows
         # (save_file creates its file 0600).
+        tensors = {WEIGHTS_KEY: self.soft_prompt}
+        if self.layer_weights is not None:
+            tensors[LAYER_WEIGHTS_KEY] = self.layer_weights
         with atomic_file(out / WEIGHTS_NAME, "wb") as handle:
-            handle.write(safetensors_bytes({WEIGHTS_KEY: self.soft_prompt.detach().float().cpu().contiguous()}))
+            handle.write(safetensors_bytes({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}))
         ref = self.write_backbone(out) if include_backbone else self.backbone_ref
         SuffixPromptConfig(**{**self.spt_config.to_dict(), "backbone": ref}).save(out)
 
@@ -218,10 +273,18 @@ class SuffixPromptModule(BackboneModule):
             raise FileNotFoundError(f"Adapter folder {folder} does not exist (spt-embed loads local folders only).")
         config = SuffixPromptConfig.load(folder)
         backbone = cls.load_saved_backbone(folder, config.backbone, options)
-        return cls(backbone, config, _read_soft_prompt(folder / WEIGHTS_NAME))
+        tensors = _read_weights(folder / WEIGHTS_NAME)
+        layer_weights = tensors.get(LAYER_WEIGHTS_KEY)
+        if (layer_weights is None) != (config.readout is not Readout.LAYER_MIX):
+            raise ValueError(
+                f"{folder / WEIGHTS_NAME} {'lacks' if layer_weights is None else 'has'} the tensor "
+                f"{LAYER_WEIGHTS_KEY!r}, but {folder / CONFIG_NAME} says readout={config.readout.value!r} (only "
+                f"layer-mix has one); the adapter folder is inconsistent: re-save or retrain it."
+            )
+        return cls(backbone, config, tensors[WEIGHTS_KEY], layer_weights)
 
 
-def _read_soft_prompt(path: Path) -> torch.Tensor:
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the adapter folder has a config but no soft-token weights.")
     try:
@@ -230,4 +293,4 @@ def _read_soft_prompt(path: Path) -> torch.Tensor:
         raise ValueError(f"{path} is corrupted or not a safetensors file ({exc}); re-save or retrain the adapter.")
     if WEIGHTS_KEY not in tensors:
         raise ValueError(f"{path} has no tensor {WEIGHTS_KEY!r} (found {sorted(tensors)}); the file is corrupted.")
-    return tensors[WEIGHTS_KEY]
+    return tensors

@@ -1,4 +1,4 @@
-"""Pure-torch pieces of a suffix prompt: initialisation, splicing, positions and pooling.
+"""Pure-torch pieces of a suffix prompt: initialisation, splicing, positions, pooling (readouts) and packing.
 
 Nothing here imports Hugging Face, so every piece is testable on plain tensors.
 Shapes: B batch, L text length (left padded), K soft tokens, H hidden size.
@@ -6,9 +6,11 @@ Shapes: B batch, L text length (left padded), K soft tokens, H hidden size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from spt_embed.model.config import Init, Placement
+from spt_embed.model.config import Init, Placement, Readout
 
 
 def init_soft_prompt(
@@ -77,6 +79,58 @@ def suffix_position_ids(text_attention_mask: torch.Tensor, num_tokens: int) -> t
 def last_token_pool(hidden_states: torch.Tensor) -> torch.Tensor:
     """Hidden state of the last position (B, S, H) -> (B, H); with left padding that is a real token in every row."""
     return hidden_states[:, -1]
+
+
+def soft_mean_pool(hidden_states: torch.Tensor, num_tokens: int, placement: Placement | str) -> torch.Tensor:
+    """Mean of the K soft positions' states, (B, S, H) -> (B, H). They sit at the end of a spliced suffix sequence
+    (and are the whole sequence of the fast path's soft pass) and at the start of a prefix one; no padding falls
+    among them in either layout, so every row averages the same K positions."""
+    if Placement(placement) is Placement.SUFFIX:
+        return hidden_states[:, -num_tokens:].mean(dim=1)
+    return hidden_states[:, :num_tokens].mean(dim=1)
+
+
+def init_layer_weights(num_states: int) -> torch.Tensor:
+    """Initial layer-mix weights (N+1,): one-hot on the final state, so the mix starts equal to the `last` readout.
+
+    Un-normalised (no softmax): the embedding is L2-normalised afterwards, so their overall scale is free, and a
+    weight of exactly 0 or 1 keeps the start exact."""
+    weights = torch.zeros(num_states)
+    weights[-1] = 1.0
+    return weights
+
+
+def layer_mix_pool(hidden_states: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum, in float32, of the last position's state in each of N+1 hidden-state tensors (each (B, S, H),
+    S may differ from the full pass to the soft pass): (N+1,) weights -> (B, H).
+
+    With a Hugging Face decoder's `hidden_states` these are the embedding output, the un-normalised residual stream
+    after layers 1 .. N-1, and the final layer's output after the final norm (= `last_hidden_state`): the last
+    entry sits on another scale than the others, which the trained weights absorb."""
+    if len(hidden_states) != weights.shape[0]:
+        raise ValueError(f"{weights.shape[0]} layer-mix weights for {len(hidden_states)} hidden states.")
+    last = torch.stack([states[:, -1] for states in hidden_states]).float()  # (N+1, B, H)
+    return torch.einsum("l,lbh->bh", weights.float(), last)
+
+
+def pool(
+    readout: Readout,
+    last_hidden_state: torch.Tensor,
+    hidden_states: Sequence[torch.Tensor] | None,
+    *,
+    num_tokens: int,
+    placement: Placement | str,
+    layer_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The embedding (B, H) that `readout` reads from a backbone's output: its final states (B, S, H) and, for
+    layer-mix, all N+1 hidden-state tensors (the embedding output first)."""
+    if readout is Readout.SOFT_MEAN:
+        return soft_mean_pool(last_hidden_state, num_tokens, placement)
+    if readout is Readout.LAYER_MIX:
+        if hidden_states is None or layer_weights is None:
+            raise ValueError("readout='layer-mix' needs the backbone's hidden states of every layer and its weights.")
+        return layer_mix_pool(hidden_states, layer_weights)
+    return last_token_pool(last_hidden_state)
 
 
 def pack_texts(

@@ -120,8 +120,13 @@ class Index:
                 raise TypeError(f"Query {position} is {type(query).__name__}, expected str.")
             if not query.strip():
                 raise ValueError(f"Query {position} is empty; remove it or give it text.")
+        from spt_embed.model.encoder import compose_prompt
+
         embeddings = self.model.encode_query(
-            list(queries), prompt=self.metadata.query_prompt, batch_size=batch_size, convert_to_numpy=True
+            list(queries),
+            prompt=compose_prompt(self.model, self.metadata.query_prompt),  # inside the model's text template
+            batch_size=batch_size,
+            convert_to_numpy=True,
         )
         return normalize(embeddings)
 

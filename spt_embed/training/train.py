@@ -41,11 +41,11 @@ PLOT_NAME = "training.png"
 STAGING = "adapter"  # the trained encoder is saved into .adapter.tmp-* first, then moved into the run's folder
 
 # What a checkpoint's tensors are shaped by, or trained on: a resume cannot change these.
-FIXED_ON_RESUME = ("method", "backbone", "num_tokens", "placement", "lora_r", "lora_alpha", "lora_targets")
+FIXED_ON_RESUME = ("method", "backbone", "num_tokens", "placement", "readout", "lora_r", "lora_alpha", "lora_targets")
 # The options one method does not read; a resume does not compare them.
 UNUSED_BY = {
     Method.SPT: ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
-    Method.LORA: ("num_tokens", "init", "init_text", "placement"),
+    Method.LORA: ("num_tokens", "init", "init_text", "placement", "readout", "prompt"),
 }
 
 
@@ -143,7 +143,15 @@ def build_model(config: TrainConfig):
     device = "cpu" if not _cuda() else None
     if config.method is Method.LORA:
         from spt_embed.model.baselines import lora_baseline_encoder
+        from spt_embed.model.config import Readout
 
+        ignored = [f"prompt={config.prompt!r}"] if config.prompt is not None else []
+        ignored += [f"readout={config.readout.value!r}"] if config.readout is not Readout.LAST else []
+        if ignored:
+            logger.warning(
+                "method=lora ignores %s: the baseline reads the last token of its own PromptEOL template.",
+                ", ".join(ignored),
+            )
         return lora_baseline_encoder(
             config.backbone,
             r=config.lora_r,
@@ -163,6 +171,8 @@ def build_model(config: TrainConfig):
         init_text=config.init_text,
         placement=config.placement,
         max_length=config.max_length,
+        readout=config.readout,
+        prompt=config.prompt,
         seed=config.seed,
         device=device,
     )
@@ -200,6 +210,8 @@ def train(
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers, MultiDatasetBatchSamplers
 
+    from spt_embed.model.encoder import default_prompt
+
     config = config or TrainConfig(**options)
     if not config.output:
         raise ValueError("No output folder: pass output='out/my-encoder' (CLI: --output).")
@@ -225,6 +237,9 @@ def train(
     cuda = _cuda()
     args = SentenceTransformerTrainingArguments(
         **config.trainer_arguments(output),
+        # The encoder's text template (its default prompt, which encode() and the dev evaluator apply): the data
+        # collator hands it to the module's preprocess with every column's texts.
+        prompts=default_prompt(model),
         eval_strategy="steps" if evaluating else "no",
         eval_steps=config.eval_steps or None,
         load_best_model_at_end=evaluating,

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from spt_embed.model.config import Init, Placement
+from spt_embed.model.config import Init, Placement, Readout
 from spt_embed.recipe import RecipeConfig, Scheduler
 
 TRAIN_CONFIG_NAME = "train_config.json"
@@ -47,6 +47,20 @@ class TrainConfig(RecipeConfig):
     init: Init = field(default=Init.TEXT, metadata={"help": "Soft-token init: random, vocab or text."})
     init_text: str | None = field(default=None, metadata={"help": "Text for init=text (PromptEOL tail if unset)."})
     placement: Placement = field(default=Placement.SUFFIX, metadata={"help": "suffix or prefix."})
+    readout: Readout = field(
+        default=Readout.LAST,
+        metadata={
+            "help": "Where the embedding is read (spt): last (final state, last position), soft-mean (mean over "
+            "the K soft positions) or layer-mix (trained weights over every layer at the last position)."
+        },
+    )
+    prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hard text template before every text, e.g. 'This sentence : \"' (spt); the soft tokens follow "
+            "the text. Saved as the encoder's default prompt, so encode() applies it too."
+        },
+    )
     max_length: int = field(default=128, metadata={"help": "Max tokens per training text incl. soft tokens."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (lora)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha, scale = alpha / r (lora)."})
@@ -92,3 +106,5 @@ class TrainConfig(RecipeConfig):
             raise ValueError(f"lora_targets is empty; name the modules that get LoRA, e.g. {LORA_TARGETS}.")
         if not self.data:
             raise ValueError("No training data: pass --data with a preset name or a file.")
+        if self.prompt == "":
+            raise ValueError("prompt is empty; give the template text (e.g. 'This sentence : \"') or leave it unset.")
