@@ -7,9 +7,10 @@ STS-B dev, evaluate through `spt-embed eval`, and write one results file and the
 
 The spec (YAML):
     budget_minutes: 60            # training wall-clock per run (dev evaluations and checkpoint saves not counted)
-    output: out/compare           # runs land in OUTPUT/NAME, their evaluations in OUTPUT/NAME/eval
+    output: out/compare           # runs land in OUTPUT/NAME, their evaluations in OUTPUT/NAME.eval[-SPLITS]
     results: train/results/compare   # RESULTS.jsonl (one line per run), RESULTS.md (table), RESULTS.png (curves)
     eval_tasks: [STSBenchmark, SICK-R, SciFact, Banking77Classification]
+    eval_splits: [test]           # optional; [validation] for a selection sweep (STS-B dev only)
     eval_dtype: bfloat16
     runs:
       - name: spt-lr1e-2
@@ -68,14 +69,22 @@ def finished(run_dir: Path) -> bool:
 
 def train_run(run: dict, spec: dict, out: Path) -> None:
     config = spt_embed.TrainConfig.from_sources(run["config"], output=str(out), **run.get("overrides", {}))
-    resume = (out / "checkpoints").is_dir()
+    resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
     records = read_log(out)
     done = training_minutes(records)[-1][1] * 60 if resume and records else 0.0
     budget = Budget(spec["budget_minutes"], seconds_before=done)
     logger.info("%s: training (%s)", run["name"], "resuming" if resume else "from scratch")
-    spt_embed.train(config, resume=resume, callbacks=[budget])
+    # A run killed before its first checkpoint left a folder of ours with nothing to resume: start it again.
+    spt_embed.train(config, resume=resume, overwrite=out.exists() and not resume, callbacks=[budget])
     (out / "budget.json").write_text(json.dumps({"budget_minutes": spec["budget_minutes"], "stopped_by_budget":
                                                  budget.hit, "training_seconds": round(budget.seconds, 1)}) + "\n")
+
+
+def eval_dir(out: Path, spec: dict) -> Path:
+    """Results beside the run (inside it they would change the model's digest) and per split set, so that a dev-only
+    sweep and a later test evaluation never share result files."""
+    splits = spec.get("eval_splits")
+    return out.parent / f"{out.name}.eval" if not splits else out.parent / f"{out.name}.eval-{'-'.join(splits)}"
 
 
 def read_log(out: Path) -> list[dict]:
@@ -94,23 +103,23 @@ def summarise(run: dict, spec: dict, out: Path) -> dict:
     total = max(minutes.values(), default=0.0)
     budget = json.loads((out / "budget.json").read_text()) if (out / "budget.json").is_file() else {}
     scores = {}
-    eval_dir = out / "eval"
     for task in spec["eval_tasks"]:
-        path = eval_dir / f"{task}.json"
+        path = eval_dir(out, spec) / f"{task}.json"
         if path.is_file():
-            scores[task] = round(100 * _main_score(json.loads(path.read_text())), 2)
+            scores[task] = round(100 * _main_score(json.loads(path.read_text()), spec.get("eval_splits")), 2)
     return {
         "name": run["name"], "config": run["config"], "overrides": run.get("overrides", {}),
         "steps": steps, "training_minutes": round(total, 1),
         "seconds_per_step": round(60 * total / steps, 2) if steps else None,
         "stopped_by_budget": budget.get("stopped_by_budget"), "dev_curve": dev,
-        "best_dev": max((d for _, _, d in dev), default=None), "test": scores,
+        "best_dev": max((d for _, _, d in dev), default=None), "splits": spec.get("eval_splits") or "each task's own",
+        "scores": scores,
         "average": round(sum(scores.values()) / len(scores), 2) if len(scores) == len(spec["eval_tasks"]) else None,
     }
 
 
-def _main_score(result: dict) -> float:
-    values = [split_scores[0]["main_score"] for split_scores in result["scores"].values()]
+def _main_score(result: dict, splits: list[str] | None) -> float:
+    values = [scores[0]["main_score"] for split, scores in result["scores"].items() if not splits or split in splits]
     return sum(values) / len(values)
 
 
@@ -123,7 +132,7 @@ def write_report(rows: list[dict], spec: dict) -> None:
              "|---|---:|---:|---:|---:|" + "---:|" * len(tasks) + "---:|"]
     for row in rows:
         cells = [row["name"], row["steps"], row["training_minutes"], row["seconds_per_step"], row["best_dev"],
-                 *(row["test"].get(task, "–") for task in tasks), row["average"] if row["average"] is not None else "–"]
+                 *(row["scores"].get(task, "–") for task in tasks), row["average"] if row["average"] is not None else "–"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     write_text(base.with_suffix(".md"), "\n".join(lines) + "\n")
     plot_curves(rows, base.with_suffix(".png"), spec["budget_minutes"])
@@ -170,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if not finished(out):
             train_run(run, spec, out)
-        evaluate(str(out), spec["eval_tasks"], out / "eval", dtype=spec.get("eval_dtype", "float32"))
+        evaluate(str(out), spec["eval_tasks"], eval_dir(out, spec), dtype=spec.get("eval_dtype", "float32"),
+                 eval_splits=spec.get("eval_splits"))
     rows = [summarise(run, spec, Path(spec["output"]) / run["name"]) for run in spec["runs"]
             if (Path(spec["output"]) / run["name"]).is_dir()]
     write_report(rows, spec)

@@ -1,0 +1,72 @@
+"""train/compare.py end to end on a tiny backbone: runs train once, are evaluated on the dev split only, finished
+runs are reused, and the table, results file and learning-curve plot come out; a run hits its time budget."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.test_eval import write_toy_data
+from tests.test_train import toy_pairs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_compare():
+    spec = importlib.util.spec_from_file_location("compare", REPO / "train" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compare"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_spec(tmp_path: Path, backbone: Path, budget: float = 60) -> Path:
+    recipe = {"backbone": str(backbone), "data": [str(toy_pairs(tmp_path / "pairs.jsonl"))], "num_tokens": 4,
+              "batch_size": 8, "lr": 3e-2, "warmup_steps": 0, "logging_steps": 1, "seed": 3, "max_length": 64}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    common = {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "eval_pairs": 0}
+    spec = {
+        "budget_minutes": budget, "output": str(tmp_path / "runs"), "results": str(tmp_path / "results" / "cmp"),
+        "eval_tasks": ["STSBenchmark"], "eval_splits": ["validation"], "eval_dtype": "float32",
+        "runs": [{"name": "a", "config": str(tmp_path / "recipe.yaml"), "overrides": common},
+                 {"name": "b", "config": str(tmp_path / "recipe.yaml"), "overrides": {**common, "lr": 1e-2}}],
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_compare_trains_evaluates_dev_and_reports(tmp_path, backbones, monkeypatch):
+    monkeypatch.setenv("SPT_EMBED_DATA", str(write_toy_data(tmp_path / "data")))
+    compare = load_compare()
+    spec = write_spec(tmp_path, backbones["llama"])
+    assert compare.main([str(spec)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "results" / "cmp.jsonl").read_text().splitlines()]
+    assert [row["name"] for row in rows] == ["a", "b"]
+    for row in rows:
+        assert row["steps"] == 4 and row["stopped_by_budget"] is False
+        assert [step for step, _, _ in row["dev_curve"]] == [2, 4]
+        assert all(minutes >= 0 for _, minutes, _ in row["dev_curve"])
+        assert set(row["scores"]) == {"STSBenchmark"}
+        result = json.loads((tmp_path / "runs" / f"{row['name']}.eval-validation" / "STSBenchmark.json").read_text())
+        assert set(result["scores"]) == {"validation"}  # selection sweeps never touch test
+    assert (tmp_path / "results" / "cmp.png").stat().st_size > 0
+    assert "| a | 4 |" in (tmp_path / "results" / "cmp.md").read_text()
+    log = (tmp_path / "runs" / "a" / "train_log.jsonl").read_text()
+    assert compare.main([str(spec)]) == 0  # finished runs are reused, not trained again
+    assert (tmp_path / "runs" / "a" / "train_log.jsonl").read_text() == log
+
+
+def test_budget_stops_a_run(tmp_path, backbones, monkeypatch):
+    monkeypatch.setenv("SPT_EMBED_DATA", str(write_toy_data(tmp_path / "data")))
+    compare = load_compare()
+    spec = write_spec(tmp_path, backbones["llama"], budget=1e-9)
+    assert compare.main([str(spec), "--only", "a"]) == 0
+    budget = json.loads((tmp_path / "runs" / "a" / "budget.json").read_text())
+    assert budget["stopped_by_budget"] is True
+    row = json.loads((tmp_path / "results" / "cmp.jsonl").read_text().splitlines()[0])
+    assert row["steps"] == 1
