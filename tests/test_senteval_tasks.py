@@ -118,3 +118,12 @@ def test_protocol_on_toy_data(tmp_path, monkeypatch, name):
 
     assert score(constant=False) == pytest.approx(1.0)
     assert score(constant=True) < 0.7  # chance level: the classes are balanced
+
+
+def test_task_groups_name_the_registered_tasks():
+    from spt_embed.evaluation.evaluate import DEFAULT_TASKS, SENTEVAL_TASKS as LIGHT_NAMES, expand_task_groups
+
+    assert LIGHT_NAMES == SENTEVAL_TASKS  # the CLI's light copy of the names matches the registered classes
+    assert expand_task_groups(["senteval"]) == list(SENTEVAL_TASKS)
+    assert expand_task_groups(["STSBenchmark", "Panel"]) == list(DEFAULT_TASKS) + list(SENTEVAL_TASKS)
+    assert expand_task_groups("SciFact") == ["SciFact"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from spt_embed.cli.options import add_dtype_argument
-from spt_embed.evaluation.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_TASKS, evaluate
+from spt_embed.evaluation.evaluate import DEFAULT_BATCH_SIZE, DEFAULT_TASKS, TASK_GROUPS, evaluate
 from spt_embed.model.specs import REFERENCE_ENCODERS
 
 # The values of spt_embed.model.baselines.Baseline, whose module loads torch.
@@ -31,7 +31,13 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="zero-shot baseline of a backbone: mean pooling, last token, or the PromptEOL template",
     )
-    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="task names (default: the local tasks)")
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        default=list(DEFAULT_TASKS),
+        help=f"task names (default: {' '.join(DEFAULT_TASKS)}); groups: "
+        + "; ".join(f"{name} = {' '.join(tasks)}" for name, tasks in TASK_GROUPS.items()),
+    )
     parser.add_argument("--output", required=True, help="results folder for this model, e.g. eval/results/<name>")
     parser.add_argument("--splits", nargs="+", default=None, help="splits to evaluate instead of each task's own "
                         "(e.g. validation: STS-B dev, for model selection)")

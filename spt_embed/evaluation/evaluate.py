@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 IDENTITY_NAME = "spt_eval.json"
 DEFAULT_TASKS = ("STSBenchmark", "SICK-R", "SciFact", "Banking77Classification")
+SENTEVAL_TASKS = ("SentEvalMR", "SentEvalCR", "SentEvalSUBJ", "SentEvalMPQA", "SentEvalSST2", "SentEvalTREC")
+# Names that stand for several tasks in `tasks` (and `--tasks`): the SentEval transfer panel, and everything local.
+TASK_GROUPS = {"senteval": SENTEVAL_TASKS, "panel": DEFAULT_TASKS + SENTEVAL_TASKS}
 DEFAULT_BATCH_SIZE = 32
 
 
@@ -225,6 +228,13 @@ def _load_result(path: Path):
 # Evaluation
 
 
+def expand_task_groups(tasks: list[str] | tuple[str, ...] | str) -> list[str]:
+    """Task names with each group name (TASK_GROUPS) replaced by its tasks, in order, without repeats."""
+    names = [tasks] if isinstance(tasks, str) else list(tasks)
+    expanded = [task for name in names for task in TASK_GROUPS.get(name.lower(), (name,))]
+    return list(dict.fromkeys(expanded))
+
+
 def evaluate(
     model: str | os.PathLike,
     tasks: list[str] | tuple[str, ...],
@@ -253,7 +263,7 @@ def evaluate(
     dtype = dtype_name(parse_dtype(dtype))
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    task_objects = get_tasks(list(tasks), eval_splits=eval_splits)
+    task_objects = get_tasks(expand_task_groups(tasks), eval_splits=eval_splits)
     resolved = resolve_model(model, baseline)
     identity = model_identity(resolved, query_prompt=query_prompt, document_prompt=document_prompt, dtype=dtype)
     folder = Path(output_dir)

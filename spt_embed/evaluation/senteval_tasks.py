@@ -180,4 +180,4 @@ class SentEvalTREC(_LocalTask, AbsTaskClassification):
         self._finish_reading()
 
 
-SENTEVAL_TASKS = [cls.metadata.name for cls in (SentEvalMR, SentEvalCR, SentEvalSUBJ, SentEvalMPQA, SentEvalSST2, SentEvalTREC)]
+SENTEVAL_TASKS = tuple(cls.metadata.name for cls in (SentEvalMR, SentEvalCR, SentEvalSUBJ, SentEvalMPQA, SentEvalSST2, SentEvalTREC))
