@@ -43,7 +43,10 @@ def train_encoder(out: Path, steps: int | None) -> Path:
     if steps:  # a shorter run: evaluate and checkpoint once, at its end
         overrides.update(max_steps=steps, warmup_steps=0, eval_steps=steps, save_steps=steps)
     print(f"[1/4] training the recipe {RECIPE.name} -> {encoder}")
-    spt_embed.train(spt_embed.TrainConfig.from_sources(RECIPE, **overrides))
+    # A demo killed mid-training continues from its last checkpoint; one killed before its first starts again.
+    resume = (encoder / "checkpoints").is_dir() and any((encoder / "checkpoints").iterdir())
+    config = spt_embed.TrainConfig.from_sources(RECIPE, **overrides)
+    spt_embed.train(config, resume=resume, overwrite=encoder.exists() and not resume)
     return encoder
 
 

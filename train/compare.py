@@ -128,7 +128,9 @@ def write_report(rows: list[dict], spec: dict) -> None:
     base.parent.mkdir(parents=True, exist_ok=True)
     write_text(base.with_suffix(".jsonl"), "".join(json.dumps(row) + "\n" for row in rows))
     tasks = spec["eval_tasks"]
-    lines = ["| run | steps | training min | s/step | best STS-B dev | " + " | ".join(tasks) + " | average |",
+    split = f" ({'/'.join(spec['eval_splits'])})" if spec.get("eval_splits") else ""
+    lines = ["| run | steps | training min | s/step | best STS-B dev during training | "
+             + " | ".join(task + split for task in tasks) + " | average |",
              "|---|---:|---:|---:|---:|" + "---:|" * len(tasks) + "---:|"]
     for row in rows:
         cells = [row["name"], row["steps"], row["training_minutes"], row["seconds_per_step"], row["best_dev"],
