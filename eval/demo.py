@@ -28,6 +28,7 @@ from sentence_transformers import SentenceTransformer
 import spt_embed
 from spt_embed.datafiles import data_root
 from spt_embed.evaluation.evaluate import evaluate
+from spt_embed.recipe import has_checkpoints
 
 RECIPE = Path(__file__).resolve().parents[1] / "train" / "configs" / "smollm2-nli.yaml"
 SENTENCES = ["A man is playing a flute.", "A man plays the flute.", "A woman is slicing an onion."]
@@ -44,7 +45,7 @@ def train_encoder(out: Path, steps: int | None) -> Path:
         overrides.update(max_steps=steps, warmup_steps=0, eval_steps=steps, save_steps=steps)
     print(f"[1/4] training the recipe {RECIPE.name} -> {encoder}")
     # A demo killed mid-training continues from its last checkpoint; one killed before its first starts again.
-    resume = (encoder / "checkpoints").is_dir() and any((encoder / "checkpoints").iterdir())
+    resume = has_checkpoints(encoder)
     config = spt_embed.TrainConfig.from_sources(RECIPE, **overrides)
     spt_embed.train(config, resume=resume, overwrite=encoder.exists() and not resume)
     return encoder

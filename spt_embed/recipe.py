@@ -203,13 +203,19 @@ def latest_checkpoint(output: Path, weights: str) -> Path | None:
     return None
 
 
+def has_checkpoints(output: str | Path) -> bool:
+    """Whether a run in `output` has written anything under its checkpoints folder (complete or not)."""
+    folder = Path(output) / CHECKPOINTS
+    return folder.is_dir() and any(folder.iterdir())
+
+
 def resume_checkpoint(output: Path, weights: str, *, resume: bool) -> Path | None:
     """The checkpoint a run into `output` continues from. With `resume`: the newest complete one, or None (with
     a warning) when there is none. Without: None, and checkpoints already in `output` are an error, so a run never
     silently restarts over another's checkpoints."""
     folder = Path(output) / CHECKPOINTS
     if not resume:
-        if folder.is_dir() and any(folder.iterdir()):
+        if has_checkpoints(output):
             raise FileExistsError(
                 f"{folder} already holds checkpoints; pass --resume to continue that run, --overwrite to replace "
                 f"it, or choose another --output (nothing was overwritten)."

@@ -38,6 +38,7 @@ from transformers import TrainerCallback
 import spt_embed
 from spt_embed.atomic import atomic_file, write_text
 from spt_embed.evaluation.evaluate import evaluate
+from spt_embed.recipe import has_checkpoints
 from spt_embed.training.run_log import training_minutes
 
 logger = logging.getLogger("compare")
@@ -69,7 +70,7 @@ def finished(run_dir: Path) -> bool:
 
 def train_run(run: dict, spec: dict, out: Path) -> None:
     config = spt_embed.TrainConfig.from_sources(run["config"], output=str(out), **run.get("overrides", {}))
-    resume = (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
+    resume = has_checkpoints(out)
     records = read_log(out)
     done = training_minutes(records)[-1][1] * 60 if resume and records else 0.0
     budget = Budget(spec["budget_minutes"], seconds_before=done)
