@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -70,3 +71,17 @@ def test_budget_stops_a_run(tmp_path, backbones, monkeypatch):
     assert budget["stopped_by_budget"] is True
     row = json.loads((tmp_path / "results" / "cmp.jsonl").read_text().splitlines()[0])
     assert row["steps"] == 1
+
+
+def test_report_keeps_recorded_rows_of_runs_not_on_this_machine(tmp_path, backbones, monkeypatch):
+    monkeypatch.setenv("SPT_EMBED_DATA", str(write_toy_data(tmp_path / "data")))
+    compare = load_compare()
+    spec = write_spec(tmp_path, backbones["llama"])
+    assert compare.main([str(spec), "--only", "a"]) == 0
+    first = (tmp_path / "results" / "cmp.jsonl").read_text()
+    shutil.rmtree(tmp_path / "runs" / "a")  # a new machine: the run's folder is gone, its row is the record
+    assert compare.main([str(spec), "--only", "b"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "results" / "cmp.jsonl").read_text().splitlines()]
+    assert [row["name"] for row in rows] == ["a", "b"]
+    assert json.dumps(rows[0]) + "\n" == first
+    assert "| a | 4 |" in (tmp_path / "results" / "cmp.md").read_text()

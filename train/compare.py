@@ -119,6 +119,23 @@ def summarise(run: dict, spec: dict, out: Path) -> dict:
     }
 
 
+def collect_rows(spec: dict) -> list[dict]:
+    """One row per run, in spec order: summarised from its folder when it is here, else the row the results file
+    already holds (runs from an earlier machine stay in the table; their folders need not be kept)."""
+    path = Path(spec["results"]).with_suffix(".jsonl")
+    recorded = {}
+    if path.is_file():
+        recorded = {row["name"]: row for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+    rows = []
+    for run in spec["runs"]:
+        out = Path(spec["output"]) / run["name"]
+        if out.is_dir():
+            rows.append(summarise(run, spec, out))
+        elif run["name"] in recorded:
+            rows.append(recorded[run["name"]])
+    return rows
+
+
 def _main_score(result: dict, splits: list[str] | None) -> float:
     values = [scores[0]["main_score"] for split, scores in result["scores"].items() if not splits or split in splits]
     return sum(values) / len(values)
@@ -184,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             train_run(run, spec, out)
         evaluate(str(out), spec["eval_tasks"], eval_dir(out, spec), dtype=spec.get("eval_dtype", "float32"),
                  eval_splits=spec.get("eval_splits"))
-    rows = [summarise(run, spec, Path(spec["output"]) / run["name"]) for run in spec["runs"]
-            if (Path(spec["output"]) / run["name"]).is_dir()]
-    write_report(rows, spec)
+    write_report(collect_rows(spec), spec)
     return 0
 
 
