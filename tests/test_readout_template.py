@@ -238,7 +238,9 @@ def test_weights_that_disagree_with_the_readout_are_refused(backbone_dir, tmp_pa
     else:
         tensors[LAYER_WEIGHTS_KEY] = torch.ones(3)
     save_file(tensors, str(out / WEIGHTS_NAME))
-    with pytest.raises(ValueError, match=f"{'lacks' if drop else 'has'} the tensor 'layer_weights'"):
+    held = "['soft_prompt']" if drop else "['layer_weights', 'soft_prompt']"
+    needed = "['layer_weights', 'soft_prompt']" if drop else "['soft_prompt']"
+    with pytest.raises(ValueError, match=re.escape(f"holds the tensors {held}") + ".*" + re.escape(f"needs {needed}")):
         spt_embed.load(out)
 
 

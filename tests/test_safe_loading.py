@@ -293,6 +293,7 @@ def test_the_known_classes_are_exact():
     assert all(name.startswith(("spt_embed.", "sentence_transformers.")) for name in known)
     assert {cls.__name__ for cls in known.values()} == {
         "SuffixPromptModule",
+        "DeepSuffixModule",
         "BaselineModule",
         "Transformer",
         "Pooling",

@@ -81,7 +81,7 @@ def run_info(args: argparse.Namespace) -> None:
     model = load(args.model)
     module = model.prompt_module
     ref, cfg = module.backbone_ref, module.spt_config
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)  # soft tokens (+ layer-mix weights)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)  # soft tokens (+ layer-mix weights, offsets)
     total = sum(p.numel() for p in module.parameters())
     template = default_prompt(model)
     rows = [
@@ -90,6 +90,7 @@ def run_info(args: argparse.Namespace) -> None:
         ("fingerprint", ref.fingerprint),
         ("attention", "causal" if module.is_causal else "bidirectional"),
         ("hidden size", f"{ref.hidden_size}"),
+        ("method", cfg.method.value),
         ("soft tokens (K)", f"{cfg.num_tokens}"),
         ("placement", cfg.placement.value),
         ("init", cfg.init.value + (f" ({cfg.init_text!r})" if cfg.init.value == "text" else "")),

@@ -15,6 +15,14 @@ CONFIG_NAME = "spt_config.json"
 WEIGHTS_NAME = "soft_prompt.safetensors"
 WEIGHTS_KEY = "soft_prompt"
 LAYER_WEIGHTS_KEY = "layer_weights"  # the layer-mix readout's weights, beside the soft tokens in WEIGHTS_NAME
+LAYER_OFFSETS_KEY = "layer_offsets"  # deep-suffix: per-layer offsets (N, K, H) at the soft positions, same file
+
+
+class AdapterMethod(str, enum.Enum):
+    """What an adapter trains on the frozen backbone besides (or with) its K soft tokens."""
+
+    SUFFIX = "suffix"  # K soft tokens after the text, nothing else
+    DEEP_SUFFIX = "deep-suffix"  # plus, at every decoder layer, a trained offset to the K soft positions' states
 
 
 class Init(str, enum.Enum):
@@ -77,6 +85,14 @@ class SuffixPromptConfig:
             "the soft tokens). Configs written without this field read 'last'."
         },
     )
+    method: AdapterMethod = field(
+        default=AdapterMethod.SUFFIX,
+        metadata={
+            "help": "suffix (the K soft tokens alone) or deep-suffix (plus a trained offset to the soft positions' "
+            "states after every decoder layer, saved beside the soft tokens). Configs written without this field "
+            "read 'suffix'."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed for random and vocab initialisation."})
     spt_embed_version: str = field(default="", metadata={"help": "Library version that wrote the config."})
 
@@ -88,6 +104,12 @@ class SuffixPromptConfig:
         self.init = parse_enum(Init, self.init, "init")
         self.placement = parse_enum(Placement, self.placement, "placement")
         self.readout = parse_enum(Readout, self.readout, "readout")
+        self.method = parse_enum(AdapterMethod, self.method, "method")
+        if self.method is AdapterMethod.DEEP_SUFFIX and self.placement is not Placement.SUFFIX:
+            raise ValueError(
+                "method='deep-suffix' offsets the states of soft tokens that follow the text; it needs "
+                "placement='suffix'."
+            )
         if self.readout is Readout.SOFT_MEAN and self.placement is Placement.PREFIX and self.backbone.is_causal:
             raise ValueError(
                 "readout='soft-mean' with placement='prefix' on a causal backbone reads soft tokens that come before "
@@ -111,6 +133,7 @@ class SuffixPromptConfig:
         data["init"] = self.init.value
         data["placement"] = self.placement.value
         data["readout"] = self.readout.value
+        data["method"] = self.method.value
         return data
 
     def save(self, directory: str | Path) -> None:

@@ -10,7 +10,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Normalize
 
-from spt_embed.model.config import Init, Placement, Readout
+from spt_embed.model.config import AdapterMethod, Init, Placement, Readout
 from spt_embed.model.dtypes import parse_dtype
 from spt_embed.model.loading import load_folder
 from spt_embed.model.module import SuffixPromptModule
@@ -32,6 +32,7 @@ class SuffixPromptEncoder(SentenceTransformer):
         max_length: int = 512,
         readout: Readout | str = Readout.LAST,
         prompt: str | None = None,
+        method: AdapterMethod | str = AdapterMethod.SUFFIX,
         normalize: bool = True,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
@@ -40,7 +41,8 @@ class SuffixPromptEncoder(SentenceTransformer):
         """A fresh (untrained) encoder on a frozen backbone: a registered name, a model directory or a GGUF file.
 
         `prompt`: a hard text template put before every text (e.g. 'This sentence : "'), the soft tokens following
-        the text; it becomes the encoder's default sentence-transformers prompt (see `template_prompts`)."""
+        the text; it becomes the encoder's default sentence-transformers prompt (see `template_prompts`).
+        `method`: suffix (the soft tokens alone) or deep-suffix (plus per-layer offsets at the soft positions)."""
         if prompt is not None and (not isinstance(prompt, str) or not prompt):
             raise ValueError(f"prompt must be a non-empty string or None, got {prompt!r}.")
         module = SuffixPromptModule.from_backbone(
@@ -51,6 +53,7 @@ class SuffixPromptEncoder(SentenceTransformer):
             placement=placement,
             max_length=max_length,
             readout=readout,
+            method=method,
             seed=seed,
             dtype=dtype,
         )

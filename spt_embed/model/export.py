@@ -26,7 +26,7 @@ from tokenizers.processors import TemplateProcessing
 
 from spt_embed._version import __version__
 from spt_embed.atomic import atomic_folder, write_json
-from spt_embed.model.config import Placement, Readout
+from spt_embed.model.config import AdapterMethod, Placement, Readout
 from spt_embed.model.encoder import load, resolve_adapter_path
 from spt_embed.model.module import SuffixPromptModule
 
@@ -68,6 +68,13 @@ def export(
     module = model[0]
     if not isinstance(module, SuffixPromptModule):
         raise TypeError(f"Expected a suffix-prompt encoder, got first module {type(module).__name__}.")
+    if module.spt_config.method is not AdapterMethod.SUFFIX:
+        raise ValueError(
+            f"Method {module.spt_config.method.value!r} cannot be exported as a plain SentenceTransformer: its "
+            f"per-layer offsets at the soft positions have no place in a plain decoder (export writes the soft "
+            f"tokens as vocabulary rows, nothing else). Use the adapter itself: spt_embed.load(...) (or "
+            f"SentenceTransformer(adapter, trust_remote_code=True)) gives the same encoder (nothing was written)."
+        )
     if module.spt_config.placement is not Placement.SUFFIX:
         raise ValueError("Only suffix placement can be exported as a plain SentenceTransformer (prefix cannot pool last).")
     if module.readout is not Readout.LAST:

@@ -11,8 +11,10 @@ tokens], so every readout (last position, soft-position mean, layer mix) reads t
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import inspect
+from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
@@ -37,11 +39,13 @@ def fast_forward(
     pack_tokens: int,
     pad_token_id: int,
     output_hidden_states: bool = False,
+    soft_scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> BaseModelOutputWithPast:
     """The backbone's output over the K soft tokens after left-padded `input_ids` (B, L) on a causal backbone:
     `last_hidden_state` (B, K, H) and, with `output_hidden_states`, the K positions' states of every layer.
 
-    `pack_tokens`: tokens per packed row of the text pass (a longer text gets a row of its own)."""
+    `pack_tokens`: tokens per packed row of the text pass (a longer text gets a row of its own).
+    `soft_scope`: entered around the soft pass only (where a deep suffix's per-layer hooks act)."""
     packed, positions, index = pack_texts(input_ids, attention_mask, pack_tokens, pad_token_id)
     dtype = backbone.get_input_embeddings().weight.dtype
     with torch.no_grad():
@@ -58,14 +62,15 @@ def fast_forward(
     batch, num_tokens = input_ids.shape[0], soft_prompt.shape[0]
     soft = expand_soft_prompt(soft_prompt, batch, dtype)  # (B, K, H)
     full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, num_tokens)], dim=1)  # (B, L+K)
-    return backbone(
-        inputs_embeds=soft,
-        attention_mask=full_mask,
-        position_ids=suffix_position_ids(attention_mask, num_tokens),
-        use_cache=True,
-        output_hidden_states=output_hidden_states,
-        **{cache_arg: cache},
-    )
+    with soft_scope():
+        return backbone(
+            inputs_embeds=soft,
+            attention_mask=full_mask,
+            position_ids=suffix_position_ids(attention_mask, num_tokens),
+            use_cache=True,
+            output_hidden_states=output_hidden_states,
+            **{cache_arg: cache},
+        )
 
 
 def _cache_argument(backbone: torch.nn.Module) -> str:

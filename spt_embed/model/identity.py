@@ -73,8 +73,14 @@ def model_fingerprint(model) -> tuple[str, str]:
     if isinstance(first, SuffixPromptModule):
         backbone = first.backbone_ref.fingerprint
         setup = {"backbone": backbone, "placement": first.spt_config.placement.value, "causal": first.is_causal}
+        # What later options add is hashed only when set, so a plain suffix keeps the fingerprint 0.1 gave it.
+        if first.readout.value != "last":
+            setup["readout"] = first.readout.value
+        if first.spt_config.method.value != "suffix":
+            setup["method"] = first.spt_config.method.value
         digest.update(json.dumps(setup, sort_keys=True).encode())
-        digest.update(first.soft_prompt.detach().to(torch.float32).cpu().numpy().tobytes())
+        for key, tensor in sorted(first.adapter_tensors().items(), key=lambda item: item[0] != "soft_prompt"):
+            digest.update(tensor.detach().to(torch.float32).cpu().numpy().tobytes())  # the soft prompt first
         return digest.hexdigest()[:16], backbone
     hash_weight_sample(digest, model.state_dict(), with_shapes=True)
     return digest.hexdigest()[:16], ""

@@ -49,6 +49,7 @@ def known_module_classes() -> Mapping[str, type]:
     from sentence_transformers.sentence_transformer.modules import Pooling
 
     from spt_embed.model.baselines import BaselineModule
+    from spt_embed.model.deep_suffix import DeepSuffixModule
     from spt_embed.model.module import SuffixPromptModule
 
     known: dict[str, type] = {
@@ -56,7 +57,7 @@ def known_module_classes() -> Mapping[str, type]:
         "spt_embed.baselines.BaselineModule": BaselineModule,
         "sentence_transformers.sentence_transformer.modules.normalize.Normalize": Normalize,
     }
-    for cls in (SuffixPromptModule, BaselineModule, Transformer, Pooling, Dense, Normalize):
+    for cls in (SuffixPromptModule, DeepSuffixModule, BaselineModule, Transformer, Pooling, Dense, Normalize):
         known[f"{cls.__module__}.{cls.__qualname__}"] = cls
     for cls in (Transformer, Pooling, Dense, Normalize):
         known[f"sentence_transformers.models.{cls.__qualname__}"] = cls

@@ -4,6 +4,7 @@ fast_path.py, what every backbone method shares in base.py."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -20,7 +21,9 @@ from spt_embed.model.backbone import Backbone, load_backbone
 from spt_embed.model.base import BackboneModule, grouped_query_sdpa
 from spt_embed.model.config import (
     CONFIG_NAME,
+    LAYER_OFFSETS_KEY,
     LAYER_WEIGHTS_KEY,
+    AdapterMethod,
     WEIGHTS_KEY,
     WEIGHTS_NAME,
     Init,
@@ -105,12 +108,13 @@ class SuffixPromptModule(BackboneModule):
         cls, backbone: str | os.PathLike | Backbone, *, dtype: torch.dtype = torch.float32, **config: Any
     ) -> SuffixPromptModule:
         """A fresh module on `backbone` (a spec, loaded in `dtype`, or a loaded Backbone). `config`: fields of
-        SuffixPromptConfig (num_tokens, init, init_text, placement, max_length, readout, seed); None keeps a
-        default."""
+        SuffixPromptConfig (num_tokens, init, init_text, placement, max_length, readout, method, seed); None keeps
+        a default. The method picks the class (deep-suffix: `DeepSuffixModule`)."""
         if not isinstance(backbone, Backbone):
             backbone = load_backbone(backbone, dtype=dtype)
         given = {name: value for name, value in config.items() if value is not None}
-        return cls(backbone, SuffixPromptConfig(backbone=backbone.ref, **given))
+        spt_config = SuffixPromptConfig(backbone=backbone.ref, **given)
+        return adapter_class(spt_config.method)(backbone, spt_config)
 
     # ----- sentence-transformers interface ------------------------------------------------------------------
 
@@ -176,9 +180,11 @@ class SuffixPromptModule(BackboneModule):
                     pack_tokens=self.pack_tokens,
                     pad_token_id=self.tokenizer.pad_token_id,
                     output_hidden_states=all_layers,
+                    soft_scope=self.soft_scope,
                 )
             else:
-                out = self._full_forward(input_ids, attention_mask, output_hidden_states=all_layers)
+                with self.soft_scope():
+                    out = self._full_forward(input_ids, attention_mask, output_hidden_states=all_layers)
         hidden = pool(
             self.readout,
             out.last_hidden_state,
@@ -190,6 +196,19 @@ class SuffixPromptModule(BackboneModule):
         # fp32 out whatever the backbone's dtype: normalising and FAISS then work at full precision.
         features["sentence_embedding"] = hidden.float()  # (B, H)
         return features
+
+    def soft_scope(self) -> contextlib.AbstractContextManager:
+        """Entered around each backbone pass that runs the soft tokens (the full pass, or the fast path's soft
+        pass, never its text pass): where a method's own hooks act. Nothing here."""
+        return contextlib.nullcontext()
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """What the adapter trains, by its key in the weights file: the soft tokens and, for layer-mix, the layer
+        weights."""
+        tensors = {WEIGHTS_KEY: self.soft_prompt}
+        if self.layer_weights is not None:
+            tensors[LAYER_WEIGHTS_KEY] = self.layer_weights
+        return tensors
 
     def resolve_path(self, text_length: int) -> ForwardPath:
         """Which forward pass to run; the fast path is exact only for causal attention and suffix placement."""
@@ -249,9 +268,7 @@ class SuffixPromptModule(BackboneModule):
         out.mkdir(parents=True, exist_ok=True)
         # Through atomic_file, not safetensors' save_file: whole or absent, and readable as the umask allows
         # (save_file creates its file 0600).
-        tensors = {WEIGHTS_KEY: self.soft_prompt}
-        if self.layer_weights is not None:
-            tensors[LAYER_WEIGHTS_KEY] = self.layer_weights
+        tensors = self.adapter_tensors()
         with atomic_file(out / WEIGHTS_NAME, "wb") as handle:
             handle.write(safetensors_bytes({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}))
         ref = self.write_backbone(out) if include_backbone else self.backbone_ref
@@ -274,14 +291,34 @@ class SuffixPromptModule(BackboneModule):
         config = SuffixPromptConfig.load(folder)
         backbone = cls.load_saved_backbone(folder, config.backbone, options)
         tensors = _read_weights(folder / WEIGHTS_NAME)
-        layer_weights = tensors.get(LAYER_WEIGHTS_KEY)
-        if (layer_weights is None) != (config.readout is not Readout.LAYER_MIX):
+        # The config's method, not the class modules.json names, decides (both load either kind of folder).
+        module_class = adapter_class(config.method)
+        expected = module_class.expected_tensors(config)
+        if set(tensors) != expected:
             raise ValueError(
-                f"{folder / WEIGHTS_NAME} {'lacks' if layer_weights is None else 'has'} the tensor "
-                f"{LAYER_WEIGHTS_KEY!r}, but {folder / CONFIG_NAME} says readout={config.readout.value!r} (only "
-                f"layer-mix has one); the adapter folder is inconsistent: re-save or retrain it."
+                f"{folder / WEIGHTS_NAME} holds the tensors {sorted(tensors)}, but {folder / CONFIG_NAME} "
+                f"(method={config.method.value!r}, readout={config.readout.value!r}) needs {sorted(expected)}; the "
+                f"adapter folder is inconsistent: re-save or retrain it."
             )
-        return cls(backbone, config, tensors[WEIGHTS_KEY], layer_weights)
+        return module_class(backbone, config, **{ARGUMENT_OF[key]: tensors[key] for key in expected})
+
+    @classmethod
+    def expected_tensors(cls, config: SuffixPromptConfig) -> set[str]:
+        """The keys an adapter's weights file holds under `config`."""
+        return {WEIGHTS_KEY} | ({LAYER_WEIGHTS_KEY} if config.readout is Readout.LAYER_MIX else set())
+
+
+def adapter_class(method: AdapterMethod) -> type[SuffixPromptModule]:
+    """The module class of an adapter method."""
+    if method is AdapterMethod.DEEP_SUFFIX:
+        from spt_embed.model.deep_suffix import DeepSuffixModule
+
+        return DeepSuffixModule
+    return SuffixPromptModule
+
+
+# The constructor argument each weights-file key is given to.
+ARGUMENT_OF = {WEIGHTS_KEY: "soft_prompt", LAYER_WEIGHTS_KEY: "layer_weights", LAYER_OFFSETS_KEY: "layer_offsets"}
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -45,6 +45,7 @@ FIXED_ON_RESUME = ("method", "backbone", "num_tokens", "placement", "readout", "
 # The options one method does not read; a resume does not compare them.
 UNUSED_BY = {
     Method.SPT: ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
+    Method.DEEP_SUFFIX: ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
     Method.LORA: ("num_tokens", "init", "init_text", "placement", "readout", "prompt"),
 }
 
@@ -139,7 +140,8 @@ def _check_one_batch(dataset, source: str, config: TrainConfig) -> None:
 
 
 def build_model(config: TrainConfig):
-    """The encoder to train: soft tokens on the frozen backbone (spt), or PromptEOL with LoRA on it (lora)."""
+    """The encoder to train: soft tokens on the frozen backbone (spt; deep-suffix with per-layer offsets), or
+    PromptEOL with LoRA on it (lora)."""
     device = "cpu" if not _cuda() else None
     if config.method is Method.LORA:
         from spt_embed.model.baselines import lora_baseline_encoder
@@ -173,6 +175,7 @@ def build_model(config: TrainConfig):
         max_length=config.max_length,
         readout=config.readout,
         prompt=config.prompt,
+        method="deep-suffix" if config.method is Method.DEEP_SUFFIX else "suffix",
         seed=config.seed,
         device=device,
     )

@@ -15,6 +15,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 class Method(str, enum.Enum):
     SPT = "spt"  # suffix prompt tuning: K soft tokens on the frozen backbone
+    DEEP_SUFFIX = "deep-suffix"  # the K soft tokens plus a trained offset to their states after every layer
     LORA = "lora"  # the LoRA baseline: PromptEOL template, last token, LoRA on the backbone, merged at the end
 
 
@@ -29,8 +30,10 @@ class TrainConfig(RecipeConfig):
     method: Method = field(
         default=Method.SPT,
         metadata={
-            "help": "spt: train K soft tokens on the frozen backbone. lora: the baseline, LoRA on the backbone "
-            "under the PromptEOL template (last token), merged into a SentenceTransformer folder at the end."
+            "help": "spt: train K soft tokens on the frozen backbone. deep-suffix: the K soft tokens plus, after "
+            "every decoder layer, a trained offset to their states (fast path too). lora: the baseline, LoRA on "
+            "the backbone under the PromptEOL template (last token), merged into a SentenceTransformer folder at "
+            "the end."
         },
     )
     output: str = field(default="", metadata={"help": "Output folder: adapter, logs, plot, checkpoints/."})
