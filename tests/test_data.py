@@ -275,8 +275,38 @@ def test_wiki_unsup_preset():
     assert loaded[0]["anchor"] == "YMCA in South Australia"
 
 
+def test_coco_pairs_preset():
+    loaded = load_pairs("coco-pairs")
+    annotations = json.loads((DATA / "coco_captions/captions_val2017.json").read_text())["annotations"]
+    assert len(annotations) == 25014
+    by_image = {}
+    for item in sorted(annotations, key=lambda item: item["id"]):
+        by_image.setdefault(item["image_id"], []).append(" ".join(item["caption"].split()))
+    assert loaded.column_names == ["anchor", "positive"] and loaded.num_rows == 10013
+    # each pair: two captions of one image, next to each other in id order; no caption used twice
+    first = by_image[min(by_image)]
+    assert (loaded[0]["anchor"], loaded[0]["positive"]) == (first[0], first[1])
+    assert (loaded[1]["anchor"], loaded[1]["positive"]) == (first[2], first[3])
+    images_of = {}  # a few captions (e.g. "A kitchen with a stove.") describe several images
+    for image, texts in by_image.items():
+        for text in texts:
+            images_of.setdefault(text, set()).add(image)
+    assert all(images_of[a] & images_of[p] for a, p in zip(loaded["anchor"], loaded["positive"]))
+    assert sum(len(texts) // 2 for texts in by_image.values()) == loaded.num_rows
+
+
+def test_coco_file_that_is_not_coco_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "coco_captions").mkdir()
+    (tmp_path / "coco_captions/captions_val2017.json").write_text('{"images": []}')
+    monkeypatch.setenv("SPT_EMBED_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match="not a COCO captions JSON.*damaged"):
+        load_pairs("coco-pairs")
+
+
 def test_presets_are_described_and_avoid_evaluation_splits():
-    assert set(PRESETS) == {"snli-triplets", "mrpc-pairs", "stsb-train-pairs", "sick-train-pairs", "wiki-unsup"}
+    assert set(PRESETS) == {
+        "snli-triplets", "mrpc-pairs", "stsb-train-pairs", "sick-train-pairs", "coco-pairs", "wiki-unsup"
+    }
     for name, preset in PRESETS.items():
         assert preset.name == name
         assert preset.description and "\n" not in preset.description and "%" not in preset.description
@@ -352,7 +382,7 @@ def test_presets_import_without_heavy_packages():
         "print(len(PRESETS), sorted(m for m in ('datasets', 'pyarrow', 'torch', 'transformers') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["5", "[]"]
+    assert result.stdout.split() == ["6", "[]"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -100,6 +100,25 @@ def _read_sick_pairs(path: Path) -> datasets.Dataset:
     return _pairs(anchors, positives)
 
 
+def _read_coco_pairs(path: Path) -> datasets.Dataset:
+    """Same-image caption pairs from a COCO captions JSON: each image's captions in annotation-id order, paired
+    (1st, 2nd), (3rd, 4th), ..., so that no caption is in two pairs."""
+    try:
+        annotations = json.loads(path.read_text(encoding="utf-8"))["annotations"]
+        by_image: dict[int, list[tuple[int, str]]] = {}
+        for item in annotations:
+            by_image.setdefault(item["image_id"], []).append((item["id"], " ".join(item["caption"].split())))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path} is not a COCO captions JSON ({exc!r}); the bundled file is damaged.") from None
+    anchors, positives = [], []
+    for image in sorted(by_image):
+        captions = [text for _, text in sorted(by_image[image])]
+        for first, second in zip(captions[0::2], captions[1::2]):
+            anchors.append(first)
+            positives.append(second)
+    return _pairs(anchors, positives)
+
+
 def _read_sentences(path: Path) -> datasets.Dataset:
     lines = read_lines(path)
     return _pairs(lines, lines)
@@ -139,6 +158,12 @@ PRESETS: dict[str, Preset] = {
             "SICK train pairs with relatedness >= 4 of 5, about 1.7k pairs.",
             "sick/SICK_train.txt",
             _read_sick_pairs,
+        ),
+        Preset(
+            "coco-pairs",
+            "COCO 2017 val captions, two captions of the same image as a pair, 10,013 pairs.",
+            "coco_captions/captions_val2017.json",
+            _read_coco_pairs,
         ),
         Preset(
             "wiki-unsup",
