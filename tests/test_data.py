@@ -84,7 +84,7 @@ def test_formats_round_trip(tmp_path, name, with_negative):
         (["query", "pos", "neg"], ["query", "pos", "neg"]),
         (["query", "positive", "negative"], ["query", "positive", "negative"]),
         (["id", "sentence1", "sentence2", "label"], ["sentence1", "sentence2"]),
-        (["text1", "text2", "score", "source"], ["text1", "text2"]),
+        (["text1", "text2", "similarity", "source"], ["text1", "text2"]),
         # literal names win over aliases, whatever the column order
         (["negative", "sent0", "positive", "anchor", "sent1"], ["anchor", "positive", "negative"]),
         (["question", "answer"], ["question", "answer"]),  # 2 unknown columns: in order

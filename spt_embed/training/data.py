@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 # Threshold on the 0-5 (STS-B) / 1-5 (SICK) gold scales above which a pair counts as a positive:
 # 4 is "mostly equivalent, some unimportant details differ" in the STS annotation guidelines.
 MIN_PAIR_SCORE = 4.0
+SCORE = "score"  # a graded source's similarity column (0..1), read by the graded loss (TrainConfig.graded_loss)
 
 # load_dataset builder per file suffix, with the reader options it needs.
 _FILE_KINDS: dict[str, tuple[str, dict]] = {
@@ -59,7 +60,7 @@ class Preset:
         path = data_file(self.path)
         raw = self.read(path)
         mapping = {role: role for role in ROLES if role in raw.column_names}
-        return _to_schema(raw, f"preset {self.name!r} ({path})", mapping, limit)
+        return _to_schema(raw, f"preset {self.name!r} ({path})", mapping, limit, graded=SCORE in raw.column_names)
 
 
 def _read_snli_triplets(path: Path) -> datasets.Dataset:
@@ -88,6 +89,13 @@ def _read_stsb_pairs(path: Path) -> datasets.Dataset:
     s1, s2, scores = read_stsb(path)
     keep = [i for i, score in enumerate(scores) if score >= MIN_PAIR_SCORE]
     return _pairs([s1[i] for i in keep], [s2[i] for i in keep])
+
+
+def _read_stsb_scored(path: Path) -> datasets.Dataset:
+    import datasets
+
+    s1, s2, scores = read_stsb(path)
+    return datasets.Dataset.from_dict({"anchor": s1, "positive": s2, SCORE: [score / 5.0 for score in scores]})
 
 
 def _read_sick_pairs(path: Path) -> datasets.Dataset:
@@ -152,6 +160,12 @@ PRESETS: dict[str, Preset] = {
             "STS-B train pairs with gold score >= 4 of 5, about 1.4k pairs.",
             "stsb/sts-train.csv",
             _read_stsb_pairs,
+        ),
+        Preset(
+            "stsb-train-scored",
+            "STS-B train, all 5749 pairs with their gold score scaled to 0..1: a graded source (CoSENT loss).",
+            "stsb/sts-train.csv",
+            _read_stsb_scored,
         ),
         Preset(
             "sick-train-pairs",
@@ -303,11 +317,14 @@ def _to_schema(
     mapping: dict[str, str],
     limit: int | None,
     unproven: dict[str, str] | None = None,
+    *,
+    graded: bool = False,
 ) -> datasets.Dataset:
     """Validate the mapped columns, drop rows with empty text, keep the first `limit` rows, rename to the roles.
 
     `unproven`: role -> how its column was chosen ("taken by position", "named"), for columns whose name does not
-    say they hold text: each must not be a column of class labels."""
+    say they hold text: each must not be a column of class labels. `graded`: the source's `score` column (numbers
+    in 0..1) is kept too, beside anchor and positive."""
     import datasets
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -332,10 +349,33 @@ def _to_schema(
         )
     if kept < total:
         logger.warning("%s: dropped %d of %d rows with empty text", name, total - kept, total)
+    if graded:
+        if "negative" in mapping:
+            raise ValueError(f"{name}: a graded source (with a {SCORE!r} column) has pairs, not triplets; drop the "
+                             f"negative column {mapping['negative']!r} or the {SCORE!r} column.")
+        columns[SCORE] = _score_column(dataset, table, name)
     cleaned = pa.table(columns).filter(keep)
     if limit is not None:
         cleaned = cleaned.slice(0, limit)
     return datasets.Dataset.from_dict({role: cleaned.column(role) for role in columns})
+
+
+def _score_column(dataset: datasets.Dataset, table: pa.Table, name: str) -> pa.ChunkedArray:
+    """The `score` column as float32; ValueError at the first value that is not a number in [0, 1]."""
+    import math
+
+    import pyarrow as pa
+
+    values = list(dataset[SCORE])
+    for index, value in enumerate(values):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+            raise ValueError(
+                f"{name}: row {index + 1}, column {SCORE!r}: expected a similarity in [0, 1], got {value!r}. A "
+                f"{SCORE!r} column makes the source graded (trained with the graded loss); scale the scores to "
+                f"0..1 (e.g. STS 0-5 divided by 5), or rename the column if it is not a similarity."
+            )
+    return pa.chunked_array([pa.array(values, pa.float32())])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,7 +398,8 @@ def load_pairs(
     file of exactly two columns is taken in order), a negative only when no column is named. A column taken by
     position or named here that holds a handful of short class labels is an error. Rows with an empty or missing
     text are dropped (one warning); non-text values are an error naming the row (1-based, header not counted) and
-    column. `limit` keeps the first rows after cleaning.
+    column. A `score` column (similarities in 0..1) makes the source graded: it is kept beside anchor and positive
+    and trained with the graded loss. `limit` keeps the first rows after cleaning.
     """
     if isinstance(source, str) and source in PRESETS:
         if anchor is not None or positive is not None or negative is not None:
@@ -380,4 +421,4 @@ def load_pairs(
     else:
         named = dict(zip(ROLES, (anchor, positive, negative)))
         unproven = {role: "named" for role in mapping if named[role] is not None}
-    return _to_schema(raw, name, mapping, limit, unproven)
+    return _to_schema(raw, name, mapping, limit, unproven, graded=SCORE in raw.column_names)

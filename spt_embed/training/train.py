@@ -29,7 +29,7 @@ from spt_embed.recipe import (
     world_size,
 )
 from spt_embed.training.run_log import JsonlLogCallback, UmaskCheckpoints, plot_log
-from spt_embed.training.train_config import TRAIN_CONFIG_NAME, Method, TrainConfig
+from spt_embed.training.train_config import TRAIN_CONFIG_NAME, GradedLoss, Method, TrainConfig
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
@@ -58,7 +58,20 @@ def checkpoint_weights(method: Method) -> str:
     return LORA_WEIGHTS if method is Method.LORA else WEIGHTS_NAME
 
 
-def build_loss(model, config: TrainConfig):
+def build_loss(model, config: TrainConfig, dataset=None):
+    """InfoNCE (MultipleNegativesRankingLoss, cached with GradCache if asked) for pair and triplet sources; the
+    graded loss for a source with a `score` column. One loss, or one per source when they differ (`dataset`: the
+    training data, one Dataset or a dict of them by source name)."""
+    from spt_embed.training.data import SCORE
+
+    if isinstance(dataset, dict):
+        losses = {name: build_loss(model, config, part) for name, part in dataset.items()}
+        kinds = {type(loss) for loss in losses.values()}
+        return next(iter(losses.values())) if len(kinds) == 1 else losses
+    if dataset is not None and SCORE in dataset.column_names:
+        from sentence_transformers.sentence_transformer.losses import AnglELoss, CoSENTLoss
+
+        return (AnglELoss if config.graded_loss is GradedLoss.ANGLE else CoSENTLoss)(model)
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss,
         MultipleNegativesRankingLoss,
@@ -127,11 +140,18 @@ def _check_one_batch(dataset, source: str, config: TrainConfig) -> None:
     import torch
     from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 
+    from spt_embed.training.data import SCORE
+
     sampler = NoDuplicatesBatchSampler(
-        dataset, batch_size=config.batch_size, drop_last=True, generator=torch.Generator(), seed=config.seed
+        dataset,
+        batch_size=config.batch_size,
+        drop_last=True,
+        valid_label_columns=[SCORE],
+        generator=torch.Generator(),
+        seed=config.seed,
     )
     if next(iter(sampler), None) is None:
-        distinct = len({text for column in dataset.column_names for text in dataset[column]})
+        distinct = len({text for column in dataset.column_names if column != SCORE for text in dataset[column]})
         raise ValueError(
             f"Training source {source}: no batch of {config.batch_size} rows whose texts all differ can be formed "
             f"from its {len(dataset)} rows ({distinct} distinct texts), so training would run 0 steps. In-batch "
@@ -259,7 +279,7 @@ def train(
         model=model,
         args=args,
         train_dataset=dataset,
-        loss=build_loss(model, config),
+        loss=build_loss(model, config, dataset),
         evaluator=evaluator,
         callbacks=[JsonlLogCallback(output / LOG_NAME), UmaskCheckpoints(), *(callbacks or [])],
     )

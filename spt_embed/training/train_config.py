@@ -13,6 +13,13 @@ TRAIN_CONFIG_NAME = "train_config.json"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+class GradedLoss(str, enum.Enum):
+    """The loss of a graded source (one with a `score` column): both rank its pairs by their gold similarity."""
+
+    COSENT = "cosent"  # CoSENT (sentence-transformers' CoSENTLoss): cosine differences, scale 20
+    ANGLE = "angle"  # AnglE (AnglELoss): the same ranking on angle differences in complex space
+
+
 class Method(str, enum.Enum):
     SPT = "spt"  # suffix prompt tuning: K soft tokens on the frozen backbone
     DEEP_SUFFIX = "deep-suffix"  # the K soft tokens plus a trained offset to their states after every layer
@@ -82,6 +89,13 @@ class TrainConfig(RecipeConfig):
     symmetric: bool = field(default=False, metadata={"help": "Also score positives against anchors."})
     cached: bool = field(default=False, metadata={"help": "GradCache (CachedMNRL): big batches in small memory."})
     mini_batch_size: int = field(default=16, metadata={"help": "Mini-batch size of the cached loss."})
+    graded_loss: GradedLoss = field(
+        default=GradedLoss.COSENT,
+        metadata={
+            "help": "Loss of a graded source (a `score` column, e.g. the stsb-train-scored preset): cosent or "
+            "angle; pair and triplet sources keep InfoNCE."
+        },
+    )
     eval_steps: int = field(default=50, metadata={"help": "Evaluate on STS-B dev every N steps (0: never)."})
     eval_pairs: int = field(default=0, metadata={"help": "Random STS-B dev pairs to evaluate on (0: all 1500)."})
     save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps."})
