@@ -336,6 +336,18 @@ def start_run_folder(output: Path, config: RecipeConfig, run: RunFolder, *, log:
         log.unlink(missing_ok=True)
 
 
+def _saved_value(config: RecipeConfig, name: str, value: Any) -> Any:
+    """A saved setting read as this version reads it: an enum field's old name (e.g. method 'spt') as its member's
+    value today."""
+    current = getattr(config, name, None)
+    if isinstance(current, enum.Enum):
+        try:
+            return type(current)(value).value
+        except ValueError:
+            return value
+    return value
+
+
 def resume_changes(
     output: Path,
     saved: dict[str, Any],
@@ -352,7 +364,9 @@ def resume_changes(
     changes = {
         name: [saved[name], now]
         for name, now in config.to_dict().items()
-        if name not in ("output", *ignored) and name in saved and _comparable(saved[name]) != _comparable(now)
+        if name not in ("output", *ignored)
+        and name in saved
+        and _comparable(_saved_value(config, name, saved[name])) != _comparable(now)
     }
     blocking = [name for name in changes if name in fixed]
     if blocking:

@@ -116,7 +116,7 @@ def killed(tmp_path, backbones):
     [
         ({"num_tokens": 8}, r"num_tokens=4 \(this run: 8\).*Resume with --num-tokens 4"),
         ({"placement": "prefix"}, r"placement='suffix'.*Resume with --placement suffix"),
-        ({"method": "lora"}, r"method='spt'.*Resume with --method spt"),
+        ({"method": "lora"}, r"method='suffix'.*Resume with --method suffix"),
     ],
 )
 def test_resume_refuses_a_changed_shape(tmp_path, backbones, killed, change, message):
@@ -215,7 +215,7 @@ def test_training_outputs_follow_the_umask(tmp_path, backbones, lab, umask):
         (TrainConfig, "symmetric: 'no'", r"symmetric='no' \(str\) is not valid: expected true or false"),
         (TrainConfig, "data: [1, 2]", r"data=\[1, 2\] \(list\) is not valid: expected a list of strings"),
         (TrainConfig, "lora_targets: {q: 1}", r"lora_targets=\{'q': 1\} \(dict\) is not valid: expected a list"),
-        (TrainConfig, "method: 3", r"method=3 \(int\) is not valid: expected one of 'spt', 'lora'"),
+        (TrainConfig, "method: 3", r"method=3 \(int\) is not valid: expected one of 'suffix', 'deep-suffix', 'prompt', 'lora'"),
         (TrainConfig, "placement: sideways", r"placement='sideways' is not supported; choose one of"),
         (TrainConfig, "max_samples: lots", r"max_samples='lots' \(str\) is not valid: expected an integer or null"),
         (TrainConfig, "init_text: 5", r"init_text=5 \(int\) is not valid: expected a string or null"),
@@ -306,3 +306,17 @@ def test_mntp_without_held_out_texts(lab, tmp_path):
     assert tokenize_corpus(build_tokenizer("llama"), [], 16) == []
     out = mntp(**mntp_options(lab, output=str(tmp_path / "bi"), max_steps=2, save_steps=2, eval_lines=0))
     assert json.loads((out / "mntp_eval.json").read_text())["heldout_texts"] == 0
+
+
+def test_method_spt_is_the_old_name_of_suffix(tmp_path, backbones, killed):
+    from spt_embed.training.train_config import Method
+
+    assert Method("spt") is Method.SUFFIX and TrainConfig(method="spt").method is Method.SUFFIX
+    assert [m.value for m in Method] == ["suffix", "deep-suffix", "prompt", "lora"]
+    # a run saved by 0.1 says method 'spt': resuming it with today's default is no change
+    saved = killed / "train_config.json"
+    settings = json.loads(saved.read_text())
+    assert settings["method"] == "suffix"
+    saved.write_text(json.dumps({**settings, "method": "spt"}))
+    model = spt_embed.train(config(tmp_path, backbones["llama"]), resume=True)
+    assert model.prompt_module.soft_prompt.shape[0] == 4

@@ -17,7 +17,7 @@ from spt_embed.training.train import checkpoint_weights
 from spt_embed.training.train_config import Method, TrainConfig
 from tests.conftest import Kill
 
-SPT_WEIGHTS = checkpoint_weights(Method.SPT)
+SPT_WEIGHTS = checkpoint_weights(Method.SUFFIX)
 WORDS = "man woman child dog cat plays runs eats sleeps park house flute guitar piano food red blue green big small"
 
 
@@ -171,3 +171,15 @@ def test_two_processes_agree(tmp_path, backbones):
     assert torch.equal(first, second)
     initial = spt_embed.SuffixPromptEncoder.from_backbone(backbones["llama"], num_tokens=4, seed=1)
     assert not torch.equal(first, initial.prompt_module.soft_prompt.detach())
+
+
+def test_method_prompt_puts_the_soft_tokens_before_the_text(tmp_path, backbones):
+    from spt_embed.model.config import Placement
+
+    cfg = config(tmp_path, backbones["llama"], method="prompt", max_steps=2, save_steps=2)
+    model = spt_embed.train(cfg)
+    assert model.prompt_module.spt_config.placement is Placement.PREFIX
+    assert json.loads((tmp_path / "run" / "spt_config.json").read_text())["placement"] == "prefix"
+    reloaded = spt_embed.load(tmp_path / "run")
+    texts = ["man plays guitar", "dog runs"]
+    assert torch.equal(reloaded.encode(texts, convert_to_tensor=True), model.encode(texts, convert_to_tensor=True))

@@ -44,8 +44,9 @@ STAGING = "adapter"  # the trained encoder is saved into .adapter.tmp-* first, t
 FIXED_ON_RESUME = ("method", "backbone", "num_tokens", "placement", "readout", "lora_r", "lora_alpha", "lora_targets")
 # The options one method does not read; a resume does not compare them.
 UNUSED_BY = {
-    Method.SPT: ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
+    Method.SUFFIX: ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
     Method.DEEP_SUFFIX: ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
+    Method.PROMPT: ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "placement"),
     Method.LORA: ("num_tokens", "init", "init_text", "placement", "readout", "prompt"),
 }
 
@@ -191,7 +192,7 @@ def build_model(config: TrainConfig):
         num_tokens=config.num_tokens,
         init=config.init,
         init_text=config.init_text,
-        placement=config.placement,
+        placement="prefix" if config.method is Method.PROMPT else config.placement,
         max_length=config.max_length,
         readout=config.readout,
         prompt=config.prompt,

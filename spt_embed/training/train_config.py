@@ -21,9 +21,15 @@ class GradedLoss(str, enum.Enum):
 
 
 class Method(str, enum.Enum):
-    SPT = "spt"  # suffix prompt tuning: K soft tokens on the frozen backbone
+    SUFFIX = "suffix"  # suffix prompt tuning: K soft tokens after the text, on the frozen backbone
     DEEP_SUFFIX = "deep-suffix"  # the K soft tokens plus a trained offset to their states after every layer
+    PROMPT = "prompt"  # Lester-style prompt tuning: the K soft tokens before the text (placement=prefix), full pass
     LORA = "lora"  # the LoRA baseline: PromptEOL template, last token, LoRA on the backbone, merged at the end
+    SPT = "suffix"  # the name spt-embed 0.1 used (an alias: the same member as SUFFIX)
+
+    @classmethod
+    def _missing_(cls, value: object) -> Method | None:
+        return cls.SUFFIX if value == "spt" else None  # configs and flags written for 0.1 keep working
 
 
 @dataclass
@@ -35,12 +41,13 @@ class TrainConfig(RecipeConfig):
     option_kind: ClassVar[str] = "training"
 
     method: Method = field(
-        default=Method.SPT,
+        default=Method.SUFFIX,
         metadata={
-            "help": "spt: train K soft tokens on the frozen backbone. deep-suffix: the K soft tokens plus, after "
-            "every decoder layer, a trained offset to their states (fast path too). lora: the baseline, LoRA on "
-            "the backbone under the PromptEOL template (last token), merged into a SentenceTransformer folder at "
-            "the end."
+            "help": "suffix (also 'spt'): train K soft tokens after the text on the frozen backbone. deep-suffix: "
+            "the K soft tokens plus, after every decoder layer, a trained offset to their states (fast path too). "
+            "prompt: the K soft tokens before the text (Lester-style; placement=prefix, full pass, read at the "
+            "text's last token). lora: the baseline, LoRA on the backbone under the PromptEOL template (last "
+            "token), merged into a SentenceTransformer folder at the end."
         },
     )
     output: str = field(default="", metadata={"help": "Output folder: adapter, logs, plot, checkpoints/."})
