@@ -305,7 +305,8 @@ def test_coco_file_that_is_not_coco_is_refused(tmp_path, monkeypatch):
 
 def test_presets_are_described_and_avoid_evaluation_splits():
     assert set(PRESETS) == {
-        "snli-triplets", "mrpc-pairs", "stsb-train-pairs", "sick-train-pairs", "coco-pairs", "wiki-unsup"
+        "snli-triplets", "mrpc-pairs", "stsb-train-pairs", "stsb-train-scored", "sick-train-pairs", "coco-pairs",
+        "wiki-unsup",
     }
     for name, preset in PRESETS.items():
         assert preset.name == name
@@ -382,7 +383,7 @@ def test_presets_import_without_heavy_packages():
         "print(len(PRESETS), sorted(m for m in ('datasets', 'pyarrow', 'torch', 'transformers') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["6", "[]"]
+    assert result.stdout.split() == ["7", "[]"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
