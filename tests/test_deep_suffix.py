@@ -13,6 +13,7 @@ from sentence_transformers import SentenceTransformer
 import spt_embed
 from spt_embed import ForwardPath, SuffixPromptEncoder
 from spt_embed.cli.main import main
+from spt_embed.model.backbone import Backbone
 from spt_embed.model.config import CONFIG_NAME, LAYER_OFFSETS_KEY, WEIGHTS_NAME, AdapterMethod
 from spt_embed.model.deep_suffix import DeepSuffixModule, decoder_layers
 from spt_embed.model.identity import model_fingerprint
@@ -45,6 +46,11 @@ def encode(model, texts=SENTENCES, **kwargs):
 def test_module_and_parameters(backbone_dir):
     model = deep(backbone_dir, perturb=False)
     module = model.prompt_module
+    assert isinstance(DeepSuffixModule.from_backbone(backbone_dir), DeepSuffixModule)  # the class names the method
+    shallow = SuffixPromptModule.from_backbone(backbone_dir)
+    assert type(shallow) is SuffixPromptModule
+    with pytest.raises(ValueError, match="DeepSuffixModule is the module of method 'deep-suffix'.*says 'suffix'"):
+        DeepSuffixModule(Backbone(shallow.backbone, shallow.tokenizer, shallow.backbone_ref), shallow.spt_config)
     assert isinstance(module, DeepSuffixModule) and module.spt_config.method is AdapterMethod.DEEP_SUFFIX
     layers = module.backbone.config.num_hidden_layers
     hidden = module.backbone.config.hidden_size

@@ -52,6 +52,7 @@ class DeepSuffixModule(SuffixPromptModule):
     """A suffix prompt whose K soft positions also get a trained offset after every decoder layer."""
 
     folder_kind = "Deep-suffix adapter"
+    method = AdapterMethod.DEEP_SUFFIX
 
     def __init__(
         self,
@@ -61,8 +62,6 @@ class DeepSuffixModule(SuffixPromptModule):
         layer_weights: torch.Tensor | None = None,
         layer_offsets: torch.Tensor | None = None,
     ):
-        if config.method is not AdapterMethod.DEEP_SUFFIX:
-            raise ValueError(f"DeepSuffixModule needs method='deep-suffix', got {config.method.value!r}.")
         super().__init__(backbone, config, soft_prompt, layer_weights)
         layers = decoder_layers(self.backbone)
         shape = (len(layers), config.num_tokens, self.backbone.config.hidden_size)

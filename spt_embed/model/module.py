@@ -41,6 +41,7 @@ class SuffixPromptModule(BackboneModule):
     `readout` says, are the embedding. With readout='layer-mix' the per-layer weights train too."""
 
     config_file_name = CONFIG_NAME
+    method = AdapterMethod.SUFFIX  # what from_backbone builds unless told otherwise
     DEFAULT_PACK_TOKENS = 64
     folder_kind = "Adapter"
     mismatch_hint = "its soft tokens will not mean the same there. Load it on the backbone it was trained on"
@@ -53,6 +54,11 @@ class SuffixPromptModule(BackboneModule):
         layer_weights: torch.Tensor | None = None,
     ):
         super().__init__(backbone)
+        if config.method is not self.method:
+            raise ValueError(
+                f"{type(self).__name__} is the module of method {self.method.value!r}, but the config says "
+                f"{config.method.value!r}; build it with adapter_class(config.method) (spt_embed.model.module)."
+            )
         hidden = backbone.model.config.hidden_size
         if config.backbone.hidden_size and config.backbone.hidden_size != hidden:
             raise ValueError(
@@ -113,6 +119,7 @@ class SuffixPromptModule(BackboneModule):
         if not isinstance(backbone, Backbone):
             backbone = load_backbone(backbone, dtype=dtype)
         given = {name: value for name, value in config.items() if value is not None}
+        given.setdefault("method", cls.method)
         spt_config = SuffixPromptConfig(backbone=backbone.ref, **given)
         return adapter_class(spt_config.method)(backbone, spt_config)
 
