@@ -20,6 +20,7 @@ from spt_embed.model.identity import model_fingerprint
 from spt_embed.model.module import SuffixPromptModule
 
 from .conftest import SENTENCES, make_backbone
+from .test_readout_template import ANCHORS, POSITIVES, assert_fast_path_equals_full
 from .test_train import config as train_config
 
 K = 4
@@ -115,24 +116,8 @@ def contrastive_loss(module, anchors, positives):
 def test_fast_path_equals_full_pass(backbone_dir, pack_tokens, readout):
     module = deep(backbone_dir, num_tokens=5, init="random", readout=readout).prompt_module
     module.pack_tokens = pack_tokens
-    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
-    assert {"soft_prompt", "layer_offsets"} <= set(params)
-    anchors, positives = ["", *SENTENCES[1:]], [s[::-1] for s in SENTENCES]
-    losses, grads, embs = {}, {}, {}
-    for path in (ForwardPath.FULL, ForwardPath.FAST):
-        module.zero_grad()
-        module.forward_path = path
-        embs[path] = module(module.preprocess(SENTENCES))["sentence_embedding"]
-        loss = contrastive_loss(module, anchors, positives)
-        loss.backward()
-        losses[path] = loss.item()
-        grads[path] = {name: p.grad.clone() for name, p in params.items()}
-    assert torch.allclose(embs[ForwardPath.FULL], embs[ForwardPath.FAST], atol=1e-5)
-    assert abs(losses[ForwardPath.FULL] - losses[ForwardPath.FAST]) <= 1e-6 * max(1.0, losses[ForwardPath.FULL])
-    for name in params:
-        full, fast = grads[ForwardPath.FULL][name], grads[ForwardPath.FAST][name]
-        assert full.abs().sum() > 0, name
-        assert ((full - fast).norm() / full.norm()).item() <= 1e-4, name
+    assert {"soft_prompt", "layer_offsets"} <= {name for name, p in module.named_parameters() if p.requires_grad}
+    assert_fast_path_equals_full(module, lambda: contrastive_loss(module, ANCHORS, POSITIVES))
 
 
 def test_text_alone_equals_text_in_mixed_batch(backbone_dir):
