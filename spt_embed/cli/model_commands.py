@@ -79,6 +79,9 @@ def run_info(args: argparse.Namespace) -> None:
     from spt_embed.model.encoder import default_prompt, load
 
     model = load(args.model)
+    if not hasattr(model, "prompt_module"):  # method=prefix or lora: a baseline with a peft adapter
+        _print_rows(_baseline_rows(model))
+        return
     module = model.prompt_module
     ref, cfg = module.backbone_ref, module.spt_config
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)  # soft tokens (+ layer-mix weights, offsets)
@@ -102,6 +105,43 @@ def run_info(args: argparse.Namespace) -> None:
         ("total parameters", f"{total:,}"),
         ("trainable share", f"{100 * trainable / total:.4f} %"),
     ]
+    _print_rows(rows)
+
+
+def _baseline_rows(model) -> list[tuple[str, str]]:
+    """`info` for a baseline folder: the PromptEOL encoder and its prefix or LoRA adapter (or merged weights)."""
+    module = model[0]
+    ref = module.backbone_ref
+    kind = module.peft_kind
+    if kind is not None:
+        method, trained = kind, module.adapter_parameters()
+    elif module.trained_from is not None:
+        method, trained = "lora (merged into the backbone's weights)", None
+    else:
+        method, trained = f"zero-shot {module.baseline.value}", 0
+    total = sum(p.numel() for p in module.parameters())
+    rows = [
+        ("backbone", ref.source),
+        ("model type", ref.model_type),
+        ("fingerprint", ref.fingerprint),
+        ("hidden size", f"{ref.hidden_size}"),
+        ("method", method),
+        ("text template", module.baseline.template),
+        ("readout", f"{module.baseline.pooling} token" if module.baseline.pooling == "last" else "mean"),
+        ("max length", f"{module.max_seq_length}"),
+        ("normalised", "yes" if len(model) > 1 else "no"),
+    ]
+    if kind == "prefix":
+        rows.append(("prefix tokens", f"{module.backbone.active_peft_config.num_virtual_tokens} at every layer"))
+    if trained is None:
+        rows.append(("trained parameters", "merged: the attention projections changed (not countable apart)"))
+    else:
+        rows += [("trained parameters", f"{trained:,}"), ("trained share", f"{100 * trained / total:.4f} %")]
+    rows.append(("total parameters", f"{total:,}"))
+    return rows
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

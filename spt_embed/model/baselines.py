@@ -12,10 +12,12 @@ checkpoints), or ``backbone/`` (a fine-tuned decoder, e.g. after `merge_lora`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,17 @@ PROMPTEOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'
 BASELINE_CONFIG_NAME = "baseline_config.json"
 LORA_SUBDIR = "lora"  # a peft adapter folder (adapter_config.json + adapter_model.safetensors)
 LORA_WEIGHTS = f"{LORA_SUBDIR}/adapter_model.safetensors"
+PREFIX_SUBDIR = "prefix"  # a peft prefix-tuning adapter folder: trained keys/values at every layer
+PREFIX_WEIGHTS = f"{PREFIX_SUBDIR}/adapter_model.safetensors"
+PEFT_SUBDIRS = {"lora": LORA_SUBDIR, "prefix": PREFIX_SUBDIR}  # a baseline's peft adapter kind -> its subfolder
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """Silence the FutureWarning peft triggers by asking transformers 5 for `is_gradient_checkpointing`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
 
 
 class Baseline(str, enum.Enum):
@@ -114,9 +127,13 @@ class BaselineModule(BackboneModule):
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
         mask = features["attention_mask"]  # (B, L)
         positions = left_pad_position_ids(mask)  # a left-padded row gets the positions it would have alone
-        out = self.backbone(
-            input_ids=features["input_ids"], attention_mask=mask, position_ids=positions, use_cache=False
-        )
+        with warnings.catch_warnings():
+            # peft hands a prefix to the decoder as `past_key_values`, which transformers 5 renames `cache` and
+            # warns about on every call; the prefix is exactly what that argument is for.
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+            out = self.backbone(
+                input_ids=features["input_ids"], attention_mask=mask, position_ids=positions, use_cache=False
+            )
         hidden = out.last_hidden_state  # (B, L, H)
         if self.baseline.pooling == "mean":
             weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
@@ -127,36 +144,85 @@ class BaselineModule(BackboneModule):
         return features
 
     @property
-    def has_lora(self) -> bool:
-        from peft import PeftModel
+    def peft_kind(self) -> str | None:
+        """"lora" or "prefix" while a peft adapter wraps the backbone; None for a plain backbone."""
+        from peft import PeftModel, PeftType
 
-        return isinstance(self.backbone, PeftModel)
+        if not isinstance(self.backbone, PeftModel):
+            return None
+        return "prefix" if self.backbone.active_peft_config.peft_type == PeftType.PREFIX_TUNING else "lora"
+
+    @property
+    def has_lora(self) -> bool:
+        return self.peft_kind == "lora"
+
+    def adapter_parameters(self) -> int:
+        """Parameters of the peft adapter on the backbone (LoRA matrices or prefix keys/values); 0 without one."""
+        if self.peft_kind is None:
+            return 0
+        names = ("lora_",) if self.peft_kind == "lora" else ("prompt_encoder",)
+        return sum(p.numel() for n, p in self.backbone.named_parameters() if any(k in n for k in names))
 
     def add_lora(self, lora_config) -> None:
         """Wrap the backbone in peft LoRA layers (a `peft.LoraConfig`); only they train, the base stays frozen."""
         from spt_embed.model.backbone import attach_lora
 
-        if self.has_lora:
-            raise ValueError("This baseline already carries LoRA; merge it first (merge_lora) to stack another.")
+        if self.peft_kind is not None:
+            raise ValueError(f"This baseline already carries a {self.peft_kind} adapter; it takes only one.")
         self.backbone = attach_lora(self.backbone, lora_config)
+
+    def add_prefix(self, num_tokens: int, *, init_text: str | None = None) -> None:
+        """Prefix tuning (Li & Liang 2021; P-tuning v2) through peft: `num_tokens` trained key/value vectors at
+        every layer in front of the text; only they train. With `init_text` they start as the keys/values the
+        backbone itself computes for that text's tokens (tiled or cut to `num_tokens`), the real-activation init
+        of Li & Liang; without it, peft's random init."""
+        from peft import PrefixTuningConfig, TaskType, get_peft_model
+
+        if self.peft_kind is not None:
+            raise ValueError(f"This baseline already carries a {self.peft_kind} adapter; it takes only one.")
+        config = PrefixTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=num_tokens)
+        init = self._prefix_init(num_tokens, init_text) if init_text else None
+        with quiet_peft():
+            self.backbone = get_peft_model(self.backbone, config)
+        if init is not None:
+            with torch.no_grad():
+                self.backbone.prompt_encoder[self.backbone.active_adapter].embedding.weight.copy_(init)
+
+    def _prefix_init(self, num_tokens: int, text: str) -> torch.Tensor:
+        """(num_tokens, layers * 2 * kv_dim): per position, every layer's key then value as peft lays them out
+        (peft views a row as (layers * 2, kv_heads, head_dim): layer l's key at 2l, its value at 2l + 1)."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"init_text {text!r} has no tokens; give a non-empty text.")
+        ids = (ids * (num_tokens // len(ids) + 1))[:num_tokens]
+        with torch.no_grad():
+            out = self.backbone(input_ids=torch.tensor([ids]), use_cache=True)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]  # transformers 5.x renamed it
+        rows = []
+        for layer in cache.layers:  # keys/values: (1, kv_heads, K, head_dim)
+            for states in (layer.keys, layer.values):
+                rows.append(states[0].permute(1, 0, 2).reshape(num_tokens, -1))  # (K, kv_heads * head_dim)
+        return torch.cat(rows, dim=1).float()
 
     def merge_lora(self) -> None:
         """Fold LoRA into the backbone weights: a plain decoder again, saved in full (backbone/) from now on."""
+        if self.peft_kind == "prefix":
+            raise ValueError("A prefix adapter cannot be merged into the backbone's weights; save it as it is.")
         if not self.has_lora:
             raise ValueError("This baseline carries no LoRA to merge; attach and train one with add_lora first.")
         self.backbone = freeze(self.backbone.merge_and_unload())
         self.trained_from = self.trained_from or self.backbone_ref
 
     def save(self, output_path: str, *args: Any, **kwargs: Any) -> None:
-        """baseline_config.json, plus the LoRA adapter (lora/) or a fine-tuned backbone (backbone/) if any; an
-        unchanged backbone is only named and fingerprinted."""
+        """baseline_config.json, plus the peft adapter (lora/ or prefix/) or a fine-tuned backbone (backbone/) if
+        any; an unchanged backbone is only named and fingerprinted."""
         from spt_embed._version import __version__
 
         out = Path(output_path)
         out.mkdir(parents=True, exist_ok=True)
         ref = self.backbone_ref
-        if self.has_lora:
-            self.backbone.save_pretrained(out / LORA_SUBDIR)  # the adapter only; the base is `ref`
+        if self.peft_kind is not None:
+            self.backbone.save_pretrained(out / PEFT_SUBDIRS[self.peft_kind])  # the adapter only; the base is `ref`
         elif self.trained_from is not None:
             ref = dataclasses.replace(self.write_backbone(out), fingerprint=fingerprint(self.backbone))
         payload = {
@@ -186,16 +252,21 @@ class BaselineModule(BackboneModule):
             raise ValueError(f"{config_path} is corrupted ({exc!r}).") from None
         backbone = cls.load_saved_backbone(folder, ref, model_kwargs or {})
         module = cls(backbone, saved["baseline"], max_length=saved["max_length"], trained_from=trained_from)
-        if (folder / LORA_SUBDIR).is_dir():
+        adapters = [kind for kind, sub in PEFT_SUBDIRS.items() if (folder / sub).is_dir()]
+        if len(adapters) > 1:
+            raise ValueError(f"{folder} holds both lora/ and prefix/; a baseline carries one adapter. Remove one.")
+        if adapters:
             from peft import PeftModel
 
+            adapter = folder / PEFT_SUBDIRS[adapters[0]]
             # peft falls back to a pickled adapter_model.bin (or a hub download) without the safetensors file.
-            if not (folder / LORA_WEIGHTS).is_file():
+            if not (adapter / "adapter_model.safetensors").is_file():
                 raise FileNotFoundError(
-                    f"{folder / LORA_WEIGHTS} is missing: a LoRA baseline's weights are read from safetensors only; "
-                    f"re-save the baseline."
+                    f"{adapter / 'adapter_model.safetensors'} is missing: a {adapters[0]} adapter's weights are read "
+                    f"from safetensors only; re-save the baseline."
                 )
-            module.backbone = PeftModel.from_pretrained(module.backbone, str(folder / LORA_SUBDIR))
+            with quiet_peft():
+                module.backbone = PeftModel.from_pretrained(module.backbone, str(adapter))
         return module
 
 
@@ -238,4 +309,25 @@ def lora_baseline_encoder(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # LoRA's A matrices start random
         model[0].add_lora(lora)
+    return model
+
+
+def prefix_baseline_encoder(
+    backbone: str | os.PathLike | Backbone,
+    *,
+    num_tokens: int = 16,
+    init_text: str | None = None,
+    baseline: Baseline | str = Baseline.PROMPTEOL,
+    max_length: int = 512,
+    seed: int = 0,
+    device: str | None = None,
+) -> SentenceTransformer:
+    """Prefix tuning on the PromptEOL baseline: `num_tokens` trained keys/values at every layer in front of the
+    text, read at the template's last token (``means in one word:"``), ready for contrastive training. The prefix
+    changes the text's own states, so training needs a full backward pass. Save it as it is (the prefix/ adapter
+    on the named backbone); it cannot be merged."""
+    model = baseline_encoder(backbone, baseline, max_length=max_length, device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # peft's random init, when no init_text is given
+        model[0].add_prefix(num_tokens, init_text=init_text)
     return model

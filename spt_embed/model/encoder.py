@@ -108,15 +108,28 @@ def load(
     trust_remote_code: bool = False,
 ) -> SuffixPromptEncoder:
     """Load a saved adapter (or a bundled one by name) as a SentenceTransformer; no code from the folder runs.
+    A folder trained with method=prefix or lora (a baseline with its peft adapter) loads too, as a plain
+    SentenceTransformer whose first module is a BaselineModule.
 
     `backbone` overrides where the frozen backbone is loaded from (the fingerprint is still checked unless
     `allow_backbone_mismatch`). Only the module classes spt-embed knows are built (model/loading.py);
     `trust_remote_code=True` is the caller's choice to let sentence-transformers import whatever the folder names.
     """
-    path = resolve_adapter_path(name_or_path)
     model_kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "allow_backbone_mismatch": allow_backbone_mismatch}
     if backbone is not None:
         model_kwargs["backbone"] = str(backbone)
+    if is_baseline_folder(name_or_path):  # method=prefix or lora: a peft adapter on a PromptEOL baseline
+        from spt_embed.model.baselines import BaselineModule
+
+        return load_folder(
+            Path(name_or_path).expanduser(),
+            SentenceTransformer,
+            model_kwargs=model_kwargs,
+            device=device,
+            first=BaselineModule,
+            trust_remote_code=trust_remote_code,
+        )
+    path = resolve_adapter_path(name_or_path)
     return load_folder(
         path,
         SuffixPromptEncoder,
@@ -125,6 +138,14 @@ def load(
         first=SuffixPromptModule,
         trust_remote_code=trust_remote_code,
     )
+
+
+def is_baseline_folder(name_or_path: str | os.PathLike) -> bool:
+    """Whether a path is a saved baseline (zero-shot, LoRA or prefix: baseline_config.json beside modules.json)."""
+    from spt_embed.model.baselines import BASELINE_CONFIG_NAME
+
+    folder = Path(name_or_path).expanduser()
+    return (folder / BASELINE_CONFIG_NAME).is_file() and (folder / "modules.json").is_file()
 
 
 def save(model: SentenceTransformer, path: str | os.PathLike, *, include_backbone: bool = False) -> None:

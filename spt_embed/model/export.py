@@ -27,7 +27,7 @@ from tokenizers.processors import TemplateProcessing
 from spt_embed._version import __version__
 from spt_embed.atomic import atomic_folder, write_json
 from spt_embed.model.config import AdapterMethod, Placement, Readout
-from spt_embed.model.encoder import load, resolve_adapter_path
+from spt_embed.model.encoder import is_baseline_folder, load, resolve_adapter_path
 from spt_embed.model.module import SuffixPromptModule
 
 logger = logging.getLogger(__name__)
@@ -62,12 +62,27 @@ def export(
     `output` must be new, empty, or (with `overwrite`) an earlier export; never the adapter's folder, inside it, or
     around it."""
     out = Path(output).expanduser()
-    source = None if isinstance(adapter, SentenceTransformer) else resolve_adapter_path(adapter).resolve()
+    if isinstance(adapter, SentenceTransformer):
+        source = None
+    elif is_baseline_folder(adapter):  # method=prefix or lora: refused below, with the reason
+        source = Path(adapter).expanduser().resolve()
+    else:
+        source = resolve_adapter_path(adapter).resolve()
     _check_output(source, out, overwrite=overwrite)
     model = adapter if isinstance(adapter, SentenceTransformer) else load(adapter)
     module = model[0]
+    kind = getattr(module, "peft_kind", None)
+    if kind == "prefix":
+        raise ValueError(
+            "Method 'prefix' cannot be exported as a plain SentenceTransformer: its trained keys/values at every "
+            "layer have no place in a plain decoder. Use the folder itself: spt_embed.load(...) (or "
+            "SentenceTransformer(folder, trust_remote_code=True)) gives the same encoder (nothing was written)."
+        )
     if not isinstance(module, SuffixPromptModule):
-        raise TypeError(f"Expected a suffix-prompt encoder, got first module {type(module).__name__}.")
+        raise TypeError(
+            f"Expected a suffix-prompt encoder, got first module {type(module).__name__}: export writes a suffix "
+            f"adapter's soft tokens into a plain SentenceTransformer. Load this folder with spt_embed.load(...)."
+        )
     if module.spt_config.method is not AdapterMethod.SUFFIX:
         raise ValueError(
             f"Method {module.spt_config.method.value!r} cannot be exported as a plain SentenceTransformer: its "

@@ -47,16 +47,17 @@ UNUSED_BY = {
     Method.SUFFIX: ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
     Method.DEEP_SUFFIX: ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
     Method.PROMPT: ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "placement"),
+    Method.PREFIX: ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "placement", "readout", "prompt"),
     Method.LORA: ("num_tokens", "init", "init_text", "placement", "readout", "prompt"),
 }
 
 
 def checkpoint_weights(method: Method) -> str:
     """The trained weights' file inside a checkpoint, relative to it."""
-    from spt_embed.model.baselines import LORA_WEIGHTS
+    from spt_embed.model.baselines import LORA_WEIGHTS, PREFIX_WEIGHTS
     from spt_embed.model.config import WEIGHTS_NAME
 
-    return LORA_WEIGHTS if method is Method.LORA else WEIGHTS_NAME
+    return {Method.LORA: LORA_WEIGHTS, Method.PREFIX: PREFIX_WEIGHTS}.get(method, WEIGHTS_NAME)
 
 
 def build_loss(model, config: TrainConfig, dataset=None):
@@ -185,6 +186,23 @@ def build_model(config: TrainConfig):
             seed=config.seed,
             device=device,
         )
+    if config.method is Method.PREFIX:
+        from spt_embed.model.baselines import prefix_baseline_encoder
+        from spt_embed.model.config import Init, SuffixPromptConfig
+
+        init_text = None
+        if config.init is Init.TEXT:
+            init_text = config.init_text or SuffixPromptConfig.init_text
+        elif config.init is Init.VOCAB:
+            raise ValueError("method=prefix supports init text (the backbone's keys/values of init_text) or random.")
+        return prefix_baseline_encoder(
+            config.backbone,
+            num_tokens=config.num_tokens,
+            init_text=init_text,
+            max_length=config.max_length,
+            seed=config.seed,
+            device=device,
+        )
     from spt_embed.model.encoder import SuffixPromptEncoder
 
     return SuffixPromptEncoder.from_backbone(
@@ -204,11 +222,11 @@ def build_model(config: TrainConfig):
 
 def is_run_entry(name: str, saved: dict[str, Any]) -> bool:
     """Whether `name` is an entry a training run writes into its folder (what --overwrite may remove)."""
-    from spt_embed.model.baselines import BACKBONE_SUBDIR, BASELINE_CONFIG_NAME, LORA_SUBDIR
+    from spt_embed.model.baselines import BACKBONE_SUBDIR, BASELINE_CONFIG_NAME, PEFT_SUBDIRS
     from spt_embed.model.config import CONFIG_NAME, WEIGHTS_NAME
 
     encoder = {"modules.json", "config_sentence_transformers.json", "README.md", CONFIG_NAME, WEIGHTS_NAME}
-    encoder |= {BASELINE_CONFIG_NAME, BACKBONE_SUBDIR, LORA_SUBDIR}
+    encoder |= {BASELINE_CONFIG_NAME, BACKBONE_SUBDIR, *PEFT_SUBDIRS.values()}
     run = {TRAIN_CONFIG_NAME, LOG_NAME, PLOT_NAME, CHECKPOINTS}
     # "1_Normalize": a sentence-transformers module folder; ".adapter.tmp-*": a save cut short.
     return name in encoder | run or bool(re.fullmatch(r"\d+_\w+|\." + STAGING + r"\.tmp-.*", name))

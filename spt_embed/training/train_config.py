@@ -24,6 +24,7 @@ class Method(str, enum.Enum):
     SUFFIX = "suffix"  # suffix prompt tuning: K soft tokens after the text, on the frozen backbone
     DEEP_SUFFIX = "deep-suffix"  # the K soft tokens plus a trained offset to their states after every layer
     PROMPT = "prompt"  # Lester-style prompt tuning: the K soft tokens before the text (placement=prefix), full pass
+    PREFIX = "prefix"  # prefix tuning (peft): K trained keys/values at every layer before the PromptEOL template
     LORA = "lora"  # the LoRA baseline: PromptEOL template, last token, LoRA on the backbone, merged at the end
     SPT = "suffix"  # the name spt-embed 0.1 used (an alias: the same member as SUFFIX)
 
@@ -46,7 +47,8 @@ class TrainConfig(RecipeConfig):
             "help": "suffix (also 'spt'): train K soft tokens after the text on the frozen backbone. deep-suffix: "
             "the K soft tokens plus, after every decoder layer, a trained offset to their states (fast path too). "
             "prompt: the K soft tokens before the text (Lester-style; placement=prefix, full pass, read at the "
-            "text's last token). lora: the baseline, LoRA on the backbone under the PromptEOL template (last "
+            "text's last token). prefix: prefix tuning (Li & Liang; peft), K trained keys/values at every "
+            "layer in front of the PromptEOL template, read at its last token (full pass). lora: the baseline, LoRA on the backbone under the PromptEOL template (last "
             "token), merged into a SentenceTransformer folder at the end."
         },
     )
