@@ -85,3 +85,21 @@ def test_report_keeps_recorded_rows_of_runs_not_on_this_machine(tmp_path, backbo
     assert [row["name"] for row in rows] == ["a", "b"]
     assert json.dumps(rows[0]) + "\n" == first
     assert "| a | 4 |" in (tmp_path / "results" / "cmp.md").read_text()
+
+
+def test_every_shipped_comparison_spec_builds_valid_training_configs():
+    """Each run of each spec under train/configs (a YAML with `runs:`) gives a TrainConfig: a misspelt key, method
+    or value fails here rather than after an hour of the runs before it; names are unique; selection is on dev."""
+    import spt_embed
+
+    specs = [p for p in sorted((REPO / "train" / "configs").glob("*.yaml")) if "runs" in yaml.safe_load(p.read_text())]
+    assert {"sweep-spt.yaml", "sweep-lora.yaml", "sweep-family.yaml"} <= {p.name for p in specs}
+    for path in specs:
+        spec = yaml.safe_load(path.read_text())
+        names = [run["name"] for run in spec["runs"]]
+        assert len(names) == len(set(names)), path
+        if spec.get("eval_splits") != ["validation"]:
+            assert spec.get("eval_splits") == ["test"], f"{path}: a spec evaluates on dev or, once selected, on test"
+        for run in spec["runs"]:
+            config = spt_embed.TrainConfig.from_sources(REPO / run["config"], output="unused", **run.get("overrides", {}))
+            assert config.max_steps >= 1 and config.eval_pairs == 0, (path.name, run["name"])  # all 1,500 dev pairs

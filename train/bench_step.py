@@ -10,6 +10,10 @@ by up to 1.5x over minutes and a single sequential pass can put the forward and 
   full     SPT step, backprop through all tokens (full pass over [text | soft tokens])
   fast     SPT step on the causal fast path (text under no_grad with a KV cache, then K soft tokens with grad)
   lora     contrastive LoRA step (peft, r=16 on q,k,v,o; last-token pooling, no soft tokens)
+  deep-suffix  fast-path step of method deep-suffix (the soft tokens plus per-layer offsets at their positions)
+  prompt   step of method prompt (the soft tokens before the text: a full pass, read at the text's last token)
+  prefix   step of method prefix (peft prefix tuning, K keys/values per layer, under the PromptEOL template, whose
+           ~10 template tokens per text this mode also reads)
 Memory, read from /proc/self/status around the timed steps (the peak is reset with /proc/self/clear_refs first):
   peak_rss_mb   the process's peak resident memory during the steps, model weights and runtime included
   step_mem_mb   that peak minus the resident memory just before the first step: what the step itself adds
@@ -32,7 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ["forward", "full", "fast", "lora"]
+MODES = ["forward", "full", "fast", "lora", "deep-suffix", "prompt", "prefix"]
+BASE_MODES = ["forward", "full", "fast", "lora"]  # the ratios of the fast path's requirements
 KINDS = {"pairs": ["anchor", "positive"], "triplets": ["anchor", "positive", "negative"]}
 
 
@@ -61,9 +66,21 @@ def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int, te
     import spt_embed
     torch.manual_seed(0)
     rows = batch_rows(texts, batch_size)
-    model = spt_embed.SuffixPromptEncoder.from_backbone("smollm2-135m", num_tokens=num_tokens, device="cpu")
-    module = model.prompt_module
-    module.pack_tokens = pack_tokens
+    if mode == "prefix":
+        from spt_embed.model.baselines import prefix_baseline_encoder
+
+        model = prefix_baseline_encoder("smollm2-135m", num_tokens=num_tokens, init_text='" means in one word:"')
+        module = model[0]
+    else:
+        model = spt_embed.SuffixPromptEncoder.from_backbone(
+            "smollm2-135m",
+            num_tokens=num_tokens,
+            method="deep-suffix" if mode == "deep-suffix" else "suffix",
+            placement="prefix" if mode == "prompt" else "suffix",
+            device="cpu",
+        )
+        module = model.prompt_module
+        module.pack_tokens = pack_tokens
     features = [module.preprocess(rows[column]) for column in KINDS[kind]]
     loss_fn = MultipleNegativesRankingLoss(model, scale=20.0)
     if mode == "lora":
@@ -75,6 +92,8 @@ def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int, te
         module.forward_path = spt_embed.ForwardPath.FULL
     elif mode in ("full", "fast"):
         module.forward_path = spt_embed.ForwardPath(mode)
+    elif mode == "deep-suffix":
+        module.forward_path = spt_embed.ForwardPath.FAST
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
 
@@ -184,7 +203,7 @@ def main() -> None:
     results = list(merged.values())
 
     ratios = {}
-    for kind in args.kinds if set(MODES) <= set(args.modes) else []:
+    for kind in args.kinds if set(BASE_MODES) <= set(args.modes) else []:
         # A ratio is taken within each round (its modes ran minutes apart, so the machine's speed drifts little
         # between them) and the median over rounds is reported; the memory ratios use the largest peaks.
         per_round = {
@@ -192,6 +211,11 @@ def main() -> None:
             for name, a, b in [("fast_over_forward", "fast", "forward"), ("full_over_fast", "full", "fast"),
                                ("lora_over_fast", "lora", "fast")]
         }
+        for mode in ("deep-suffix", "prompt", "prefix"):  # each method's step against the no-grad forward
+            if mode in args.modes:
+                per_round[f"{mode.replace('-', '_')}_over_forward"] = [
+                    top["median_s"] / bottom["median_s"] for top, bottom in zip(runs[kind, mode], runs[kind, "forward"])
+                ]
         fast, full = merged[kind, "fast"], merged[kind, "full"]
         ratios[kind] = {
             **{name: statistics.median(values) for name, values in per_round.items()},
@@ -205,6 +229,8 @@ def main() -> None:
             and ratios[kind]["lora_over_fast"] >= 1.5
             and ratios[kind]["fast_mem_over_full"] <= 0.5
         )
+        if "deep_suffix_over_forward" in ratios[kind]:  # issue 16: a deep-suffix step costs <= 1.3 no-grad forwards
+            ratios[kind]["deep_suffix_meets_target"] = ratios[kind]["deep_suffix_over_forward"] <= 1.3
     report = {
         "command": "python train/bench_step.py " + " ".join(sys.argv[1:]),
         "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
