@@ -127,6 +127,7 @@ class BaselineModule(BackboneModule):
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
         mask = features["attention_mask"]  # (B, L)
         positions = left_pad_position_ids(mask)  # a left-padded row gets the positions it would have alone
+        # With a prefix, peft shifts these by its K positions: the text continues after it, as after the init text.
         with warnings.catch_warnings():
             # peft hands a prefix to the decoder as `past_key_values`, which transformers 5 renames `cache` and
             # warns about on every call; the prefix is exactly what that argument is for.
