@@ -28,6 +28,7 @@ from sentence_transformers import SentenceTransformer
 import spt_embed
 from spt_embed.datafiles import data_root
 from spt_embed.evaluation.evaluate import evaluate
+from spt_embed.model.dtypes import native_bf16
 from spt_embed.recipe import has_checkpoints
 
 RECIPE = Path(__file__).resolve().parents[1] / "train" / "configs" / "smollm2-nli.yaml"
@@ -49,15 +50,6 @@ def train_encoder(out: Path, steps: int | None) -> Path:
     config = spt_embed.TrainConfig.from_sources(RECIPE, **overrides)
     spt_embed.train(config, resume=resume, overwrite=encoder.exists() and not resume)
     return encoder
-
-
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (Linux: the avx512_bf16 or amx_bf16 cpuinfo flag)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def corpus_file(out: Path, limit: int | None) -> Path:

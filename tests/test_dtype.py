@@ -96,3 +96,22 @@ def test_index_built_in_bfloat16_searches_in_bfloat16(adapter, tmp_path, capsys)
           "--dtype", "bfloat16"])
     embeddings = np.load(tmp_path / "e.npy")
     assert embeddings.dtype == np.float32 and embeddings.shape[0] == len(TEXTS)
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch, caplog):
+    import torch
+
+    from spt_embed.model import dtypes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dtypes, "native_bf16", lambda: False)
+    assert dtypes.resolve_dtype("auto") == torch.float32
+    with caplog.at_level("WARNING", logger="spt_embed.model.dtypes"):
+        assert dtypes.resolve_dtype("bfloat16") == torch.bfloat16  # allowed, with the reason it is slow here
+    assert "emulated" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(dtypes, "native_bf16", lambda: True)
+    assert dtypes.resolve_dtype("auto") == torch.bfloat16
+    with caplog.at_level("WARNING", logger="spt_embed.model.dtypes"):
+        assert dtypes.resolve_dtype("bfloat16") == torch.bfloat16
+    assert "emulated" not in caplog.text

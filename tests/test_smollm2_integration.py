@@ -69,3 +69,18 @@ def test_bundled_trained_adapter(cache, monkeypatch):
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     assert sim[0, 1] > sim[0, 2]  # the paraphrase ranks above the cat
     assert sim[0, 1] - sim[0, 3] > 0.2  # trained: paraphrase far above unrelated news
+
+
+def test_bundled_deep_suffix_adapter(cache, monkeypatch, capsys):
+    """The second bundled adapter: deep-suffix + a text template, loaded by name, ranks a paraphrase first; info
+    names its method and counts its 285,696 trained numbers."""
+    monkeypatch.setenv("SPT_EMBED_CACHE", str(cache))
+    model = spt_embed.load("smollm2-135m-nli-deep")
+    assert model.prompt_module.spt_config.method.value == "deep-suffix"
+    assert model.prompts["default"] == 'This sentence : "'
+    emb = model.encode(SENTENCES)
+    sim = model.similarity(emb, emb).numpy()
+    assert sim[0, 1] > sim[0, 2] and sim[0, 1] - sim[0, 3] > 0.2
+    assert main(["info", "smollm2-135m-nli-deep"]) == 0
+    out = capsys.readouterr().out
+    assert "deep-suffix" in out and "285,696" in out

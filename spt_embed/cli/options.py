@@ -22,10 +22,11 @@ def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
     """The `--dtype` option of the commands that encode."""
     parser.add_argument(
         "--dtype",
-        choices=list(DTYPE_CHOICES),
+        choices=[*DTYPE_CHOICES, "auto"],
         default="float32",
         help="weights' dtype while encoding (default float32); bfloat16 is about 2x faster on CPUs with AVX512-BF16 "
-        "or AMX, embeddings stay float32",
+        "or AMX and about 6x slower on CPUs that only emulate it; auto picks bfloat16 only where it is native. "
+        "Embeddings stay float32",
     )
 
 

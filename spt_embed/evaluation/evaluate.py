@@ -258,9 +258,9 @@ def evaluate(
     import mteb
 
     from spt_embed.evaluation.mteb_tasks import get_tasks, load_task_data
-    from spt_embed.model.dtypes import dtype_name, parse_dtype
+    from spt_embed.model.dtypes import dtype_name, resolve_dtype
 
-    dtype = dtype_name(parse_dtype(dtype))
+    dtype = dtype_name(resolve_dtype(dtype))  # "auto": bfloat16 where the CPU computes it natively
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     task_objects = get_tasks(expand_task_groups(tasks), eval_splits=eval_splits)

@@ -11,7 +11,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Normalize
 
 from spt_embed.model.config import AdapterMethod, Init, Placement, Readout
-from spt_embed.model.dtypes import parse_dtype
+from spt_embed.model.dtypes import resolve_dtype
 from spt_embed.model.loading import load_folder
 from spt_embed.model.module import SuffixPromptModule
 from spt_embed.model.specs import classify
@@ -115,7 +115,7 @@ def load(
     `allow_backbone_mismatch`). Only the module classes spt-embed knows are built (model/loading.py);
     `trust_remote_code=True` is the caller's choice to let sentence-transformers import whatever the folder names.
     """
-    model_kwargs: dict[str, Any] = {"dtype": parse_dtype(dtype), "allow_backbone_mismatch": allow_backbone_mismatch}
+    model_kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype), "allow_backbone_mismatch": allow_backbone_mismatch}
     if backbone is not None:
         model_kwargs["backbone"] = str(backbone)
     if is_baseline_folder(name_or_path):  # method=prefix or lora: a peft adapter on a PromptEOL baseline
@@ -169,7 +169,7 @@ def open_encoder(
 ) -> SentenceTransformer:
     """Any encoder a command accepts: a spt-embed adapter (folder or bundled name), a SentenceTransformer folder
     or a reference encoder, with its weights in `dtype`. No code from the folder runs unless `trust_remote_code`."""
-    dtype = parse_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     kind, folder = classify(spec).encoder_folder(
         backbone_advice=f"train a suffix prompt on it (`spt-embed train`) or build an untrained one with "
         f"SuffixPromptEncoder.from_backbone({str(spec)!r})."
