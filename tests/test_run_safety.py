@@ -215,7 +215,7 @@ def test_training_outputs_follow_the_umask(tmp_path, backbones, lab, umask):
         (TrainConfig, "symmetric: 'no'", r"symmetric='no' \(str\) is not valid: expected true or false"),
         (TrainConfig, "data: [1, 2]", r"data=\[1, 2\] \(list\) is not valid: expected a list of strings"),
         (TrainConfig, "lora_targets: {q: 1}", r"lora_targets=\{'q': 1\} \(dict\) is not valid: expected a list"),
-        (TrainConfig, "method: 3", r"method=3 \(int\) is not valid: expected one of 'suffix', 'deep-suffix', 'prompt', 'lora'"),
+        (TrainConfig, "method: 3", r"method=3 \(int\) is not valid: expected one of 'suffix', 'deep-suffix', 'prompt', 'prefix', 'lora'"),
         (TrainConfig, "placement: sideways", r"placement='sideways' is not supported; choose one of"),
         (TrainConfig, "max_samples: lots", r"max_samples='lots' \(str\) is not valid: expected an integer or null"),
         (TrainConfig, "init_text: 5", r"init_text=5 \(int\) is not valid: expected a string or null"),
@@ -312,7 +312,7 @@ def test_method_spt_is_the_old_name_of_suffix(tmp_path, backbones, killed):
     from spt_embed.training.train_config import Method
 
     assert Method("spt") is Method.SUFFIX and TrainConfig(method="spt").method is Method.SUFFIX
-    assert [m.value for m in Method] == ["suffix", "deep-suffix", "prompt", "lora"]
+    assert [m.value for m in Method] == ["suffix", "deep-suffix", "prompt", "prefix", "lora"]
     # a run saved by 0.1 says method 'spt': resuming it with today's default is no change
     saved = killed / "train_config.json"
     settings = json.loads(saved.read_text())
