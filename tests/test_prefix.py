@@ -101,3 +101,4 @@ def test_prefix_resume_matches_uninterrupted_run(tmp_path, backbones):
 def test_prefix_refuses_vocab_init(tmp_path, backbones):
     with pytest.raises(ValueError, match="method=prefix supports init text"):
         spt_embed.train(config(tmp_path, backbones["llama"], method="prefix", init="vocab"))
+    assert not (tmp_path / "run").exists()  # refused before a run folder is made

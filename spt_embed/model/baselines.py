@@ -35,10 +35,11 @@ from spt_embed.model.soft_prompt import last_token_pool, left_pad_position_ids
 
 PROMPTEOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'
 BASELINE_CONFIG_NAME = "baseline_config.json"
-LORA_SUBDIR = "lora"  # a peft adapter folder (adapter_config.json + adapter_model.safetensors)
-LORA_WEIGHTS = f"{LORA_SUBDIR}/adapter_model.safetensors"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # the weights inside a peft adapter folder (beside adapter_config.json)
+LORA_SUBDIR = "lora"  # a peft LoRA adapter folder
+LORA_WEIGHTS = f"{LORA_SUBDIR}/{PEFT_WEIGHTS_NAME}"
 PREFIX_SUBDIR = "prefix"  # a peft prefix-tuning adapter folder: trained keys/values at every layer
-PREFIX_WEIGHTS = f"{PREFIX_SUBDIR}/adapter_model.safetensors"
+PREFIX_WEIGHTS = f"{PREFIX_SUBDIR}/{PEFT_WEIGHTS_NAME}"
 PEFT_SUBDIRS = {"lora": LORA_SUBDIR, "prefix": PREFIX_SUBDIR}  # a baseline's peft adapter kind -> its subfolder
 
 
@@ -168,9 +169,12 @@ class BaselineModule(BackboneModule):
         """Wrap the backbone in peft LoRA layers (a `peft.LoraConfig`); only they train, the base stays frozen."""
         from spt_embed.model.backbone import attach_lora
 
+        self._check_no_adapter()
+        self.backbone = attach_lora(self.backbone, lora_config)
+
+    def _check_no_adapter(self) -> None:
         if self.peft_kind is not None:
             raise ValueError(f"This baseline already carries a {self.peft_kind} adapter; it takes only one.")
-        self.backbone = attach_lora(self.backbone, lora_config)
 
     def add_prefix(self, num_tokens: int, *, init_text: str | None = None) -> None:
         """Prefix tuning (Li & Liang 2021; P-tuning v2) through peft: `num_tokens` trained key/value vectors at
@@ -179,8 +183,7 @@ class BaselineModule(BackboneModule):
         of Li & Liang; without it, peft's random init."""
         from peft import PrefixTuningConfig, TaskType, get_peft_model
 
-        if self.peft_kind is not None:
-            raise ValueError(f"This baseline already carries a {self.peft_kind} adapter; it takes only one.")
+        self._check_no_adapter()
         config = PrefixTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=num_tokens)
         init = self._prefix_init(num_tokens, init_text) if init_text else None
         with quiet_peft():
@@ -261,9 +264,9 @@ class BaselineModule(BackboneModule):
 
             adapter = folder / PEFT_SUBDIRS[adapters[0]]
             # peft falls back to a pickled adapter_model.bin (or a hub download) without the safetensors file.
-            if not (adapter / "adapter_model.safetensors").is_file():
+            if not (adapter / PEFT_WEIGHTS_NAME).is_file():
                 raise FileNotFoundError(
-                    f"{adapter / 'adapter_model.safetensors'} is missing: a {adapters[0]} adapter's weights are read "
+                    f"{adapter / PEFT_WEIGHTS_NAME} is missing: a {adapters[0]} adapter's weights are read "
                     f"from safetensors only; re-save the baseline."
                 )
             with quiet_peft():

@@ -143,9 +143,10 @@ def load(
 def is_baseline_folder(name_or_path: str | os.PathLike) -> bool:
     """Whether a path is a saved baseline (zero-shot, LoRA or prefix: baseline_config.json beside modules.json)."""
     from spt_embed.model.baselines import BASELINE_CONFIG_NAME
+    from spt_embed.model.specs import MODULES_NAME
 
     folder = Path(name_or_path).expanduser()
-    return (folder / BASELINE_CONFIG_NAME).is_file() and (folder / "modules.json").is_file()
+    return (folder / BASELINE_CONFIG_NAME).is_file() and (folder / MODULES_NAME).is_file()
 
 
 def save(model: SentenceTransformer, path: str | os.PathLike, *, include_backbone: bool = False) -> None:

@@ -190,11 +190,7 @@ def build_model(config: TrainConfig):
         from spt_embed.model.baselines import prefix_baseline_encoder
         from spt_embed.model.config import Init, SuffixPromptConfig
 
-        init_text = None
-        if config.init is Init.TEXT:
-            init_text = config.init_text or SuffixPromptConfig.init_text
-        elif config.init is Init.VOCAB:
-            raise ValueError("method=prefix supports init text (the backbone's keys/values of init_text) or random.")
+        init_text = (config.init_text or SuffixPromptConfig.init_text) if config.init is Init.TEXT else None
         return prefix_baseline_encoder(
             config.backbone,
             num_tokens=config.num_tokens,

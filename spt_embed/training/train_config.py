@@ -132,5 +132,8 @@ class TrainConfig(RecipeConfig):
             raise ValueError(f"lora_targets is empty; name the modules that get LoRA, e.g. {LORA_TARGETS}.")
         if not self.data:
             raise ValueError("No training data: pass --data with a preset name or a file.")
+        if self.method is Method.PREFIX and self.init is Init.VOCAB:
+            # Checked here, before a run folder is made or data is read.
+            raise ValueError("method=prefix supports init text (the backbone's keys/values of init_text) or random.")
         if self.prompt == "":
             raise ValueError("prompt is empty; give the template text (e.g. 'This sentence : \"') or leave it unset.")
