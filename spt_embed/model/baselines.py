@@ -31,7 +31,7 @@ from spt_embed.model.backbone import Backbone, freeze, load_backbone
 from spt_embed.model.base import BACKBONE_SUBDIR, BackboneModule  # noqa: F401 (a fine-tuned backbone's folder)
 from spt_embed.model.config import BackboneRef
 from spt_embed.model.identity import fingerprint
-from spt_embed.model.soft_prompt import last_token_pool, left_pad_position_ids
+from spt_embed.model.soft_prompt import last_token_pool, left_align, left_pad_position_ids
 
 PROMPTEOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'
 BASELINE_CONFIG_NAME = "baseline_config.json"
@@ -126,7 +126,8 @@ class BaselineModule(BackboneModule):
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
-        mask = features["attention_mask"]  # (B, L)
+        # Left-padded, as preprocess() made it, even where a loss joined columns with padding on the right.
+        input_ids, mask = left_align(features["input_ids"], features["attention_mask"])  # (B, L)
         positions = left_pad_position_ids(mask)  # a left-padded row gets the positions it would have alone
         # With a prefix, peft shifts these by its K positions: the text continues after it, as after the init text.
         with warnings.catch_warnings():
@@ -134,7 +135,7 @@ class BaselineModule(BackboneModule):
             # warns about on every call; the prefix is exactly what that argument is for.
             warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
             out = self.backbone(
-                input_ids=features["input_ids"], attention_mask=mask, position_ids=positions, use_cache=False
+                input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False
             )
         hidden = out.last_hidden_state  # (B, L, H)
         if self.baseline.pooling == "mean":

@@ -32,7 +32,14 @@ from spt_embed.model.config import (
     SuffixPromptConfig,
 )
 from spt_embed.model.fast_path import ForwardPath, fast_forward
-from spt_embed.model.soft_prompt import init_layer_weights, init_soft_prompt, left_pad_position_ids, pool, splice
+from spt_embed.model.soft_prompt import (
+    init_layer_weights,
+    init_soft_prompt,
+    left_align,
+    left_pad_position_ids,
+    pool,
+    splice,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +181,8 @@ class SuffixPromptModule(BackboneModule):
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
-        input_ids, attention_mask = features["input_ids"], features["attention_mask"]
+        # Left-padded, as preprocess() made it, even where a loss joined columns with padding on the right.
+        input_ids, attention_mask = left_align(features["input_ids"], features["attention_mask"])
         path = self.resolve_path(input_ids.shape[1])
         all_layers = self.readout is Readout.LAYER_MIX
         with grouped_query_sdpa():

@@ -44,6 +44,24 @@ def init_soft_prompt(
     return vectors.clone().to(embedding.dtype)  # (K, H)
 
 
+def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's real tokens moved to its right end, in their order, pads before them: the left-padded layout that
+    everything here reads (the last position is the text's last token; the fast path packs `input_ids[b, -n:]`).
+
+    preprocess() pads on the left, but a loss may join columns first: sentence-transformers' `embed_columns` merges a
+    triplet's positive and negative columns and pads the narrower one *on the right* (zeros after the text). Read as
+    left-padded, such a row would lose its text to the pads. Left-padded input comes back unchanged."""
+    if attention_mask.shape[1] < 2 or _is_left_padded(attention_mask):
+        return input_ids, attention_mask
+    order = torch.argsort(attention_mask.long(), dim=1, stable=True)  # pads (0) first, real tokens (1) in order
+    return torch.gather(input_ids, 1, order), torch.gather(attention_mask, 1, order)
+
+
+def _is_left_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether no row has a pad after a real token."""
+    return bool((attention_mask[:, 1:] >= attention_mask[:, :-1]).all())
+
+
 def left_pad_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count only real tokens, so a left-padded row gets the same positions as alone."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
