@@ -3,10 +3,13 @@ dataset per training source; the data folder and its STS-B reader."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import logging
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -295,6 +298,140 @@ def test_coco_pairs_preset():
     assert sum(len(texts) // 2 for texts in by_image.values()) == loaded.num_rows
 
 
+def gzip_jsonl(path: Path) -> list[dict]:
+    """Rows of a bundled gzipped JSON-lines file (an independent reader for the checks)."""
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def no_empty_text(loaded: datasets.Dataset) -> bool:
+    return all(text.strip() for column in loaded.column_names for text in loaded[column])
+
+
+def test_squad_qa_preset():
+    loaded = load_pairs("squad-qa")
+    paragraphs = gzip_jsonl(DATA / "squad_v1.1/train.paragraphs.jsonl.gz")
+    assert len(paragraphs) == 18891 and sum(len(p["qas"]) for p in paragraphs) == 87599
+    assert loaded.column_names == ["anchor", "positive", "negative"] and loaded.num_rows == 18891
+    assert no_empty_text(loaded)
+    # one row per paragraph, its first question; no paragraph is the positive of two rows
+    assert loaded["anchor"] == [p["qas"][0]["question"] for p in paragraphs]
+    assert loaded["positive"] == [p["context"] for p in paragraphs]
+    assert len(set(loaded["positive"])) == loaded.num_rows
+    # the negative: another paragraph of the same article (every article has several), the next one wrapping round
+    title_of = {p["context"]: p["title"] for p in paragraphs}
+    size = {}
+    for p in paragraphs:
+        size[p["title"]] = size.get(p["title"], 0) + 1
+    for positive, negative in zip(loaded["positive"], loaded["negative"]):
+        assert negative != positive
+        if size[title_of[positive]] > 1:
+            assert title_of[negative] == title_of[positive]
+    assert loaded[0]["negative"] == paragraphs[1]["context"] and paragraphs[1]["title"] == paragraphs[0]["title"]
+    last = max(i for i, p in enumerate(paragraphs) if p["title"] == paragraphs[0]["title"])
+    assert loaded[last]["negative"] == paragraphs[0]["context"]
+
+
+def test_squad_article_of_one_paragraph_takes_the_next_article(tmp_path, monkeypatch):
+    rows = [
+        {"title": "A", "context": "a1", "qas": [{"question": "qa1"}, {"question": "qa1b"}]},
+        {"title": "B", "context": "b1", "qas": [{"question": "qb1"}]},
+        {"title": "C", "context": "c1", "qas": [{"question": "qc1"}]},
+        {"title": "C", "context": "c2", "qas": [{"question": "qc2"}]},
+        {"title": "D", "context": "d1", "qas": [{"question": "qd1"}]},
+    ]
+    (tmp_path / "squad_v1.1").mkdir()
+    (tmp_path / "squad_v1.1/train.paragraphs.jsonl.gz").write_bytes(
+        gzip.compress("".join(json.dumps(row) + "\n" for row in rows).encode())
+    )
+    monkeypatch.setenv("SPT_EMBED_DATA", str(tmp_path))
+    loaded = load_pairs("squad-qa")
+    assert loaded["anchor"] == ["qa1", "qb1", "qc1", "qc2", "qd1"]
+    assert loaded["negative"] == ["b1", "c1", "c2", "c1", "a1"]
+
+
+@pytest.mark.parametrize(
+    "preset, relative", [("squad-qa", "squad_v1.1/train.paragraphs.jsonl.gz"), ("medquad-qa", "medquad/pairs.jsonl.gz")]
+)
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"not gzip at all", "not gzipped UTF-8 text.*damaged"),
+        (gzip.compress(b'{"title": "T"')[:-6], "not gzipped UTF-8 text.*damaged"),  # truncated
+        (gzip.compress(b'{"a": 1}\n{oops\n'), r":2: not valid JSON.*damaged"),
+        (gzip.compress(b'["a", "b"]\n'), r":1: expected a JSON object, got list"),
+        (gzip.compress(b'{"title": "T", "context": "", "query": "", "qas": []}\n'), "must be non-empty text"),
+    ],
+)
+def test_damaged_gzip_presets_are_refused(tmp_path, monkeypatch, preset, relative, content, message):
+    (tmp_path / relative).parent.mkdir(parents=True)
+    (tmp_path / relative).write_bytes(content)
+    monkeypatch.setenv("SPT_EMBED_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match=message):
+        load_pairs(preset)
+
+
+def test_medquad_qa_preset():
+    loaded = load_pairs("medquad-qa")
+    pairs = gzip_jsonl(DATA / "medquad/pairs.jsonl.gz")
+    assert len(pairs) == 16359
+    assert loaded.column_names == ["anchor", "positive"] and loaded.num_rows == 14462
+    assert no_empty_text(loaded)
+    # no two rows share a text: each question and each passage once, the first in file order
+    assert len(set(loaded["anchor"])) == len(set(loaded["positive"])) == loaded.num_rows
+    assert not set(loaded["anchor"]) & set(loaded["positive"])
+    # in file order, a pair is kept when neither its question nor its passage is in a pair kept before it
+    kept, texts = [], set()
+    for p in pairs:
+        if p["query"] not in texts and p["passage"] not in texts:
+            texts.update((p["query"], p["passage"]))
+            kept.append((p["query"], p["passage"]))
+    assert list(zip(loaded["anchor"], loaded["positive"])) == kept
+    # 875 questions recur (mostly with another subset's answer), 53 passages answer several questions
+    assert sum(n > 1 for n in Counter(p["query"] for p in pairs).values()) == 875
+    assert sum(n > 1 for n in Counter(p["passage"] for p in pairs).values()) == 53
+
+
+def beir_qrels(name: str) -> list[list[str]]:
+    rows = file_rows(DATA / f"beir_scifact/qrels/{name}", header=False)
+    assert rows[0] == ["query-id", "corpus-id", "score"]
+    return rows[1:]
+
+
+def test_scifact_train_preset_is_disjoint_from_the_test_queries():
+    loaded = load_pairs("scifact-train")
+    assert loaded.column_names == ["anchor", "positive"] and loaded.num_rows == 805
+    assert no_empty_text(loaded) and len(set(loaded["anchor"])) == loaded.num_rows
+    queries = {}
+    for line in (DATA / "beir_scifact/queries.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        queries[row["_id"]] = row["text"]
+    corpus = {}
+    for line in (DATA / "beir_scifact/corpus.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        corpus[row["_id"]] = row["title"] + " " + row["text"]
+    train = beir_qrels("train.tsv")
+    first_doc = {}
+    for query, doc, _ in train:
+        first_doc.setdefault(query, doc)
+    assert len(train) == 919 and len(first_doc) == 809
+    # the test qrels are read here only to check that no test claim (by id or by text) is trained on
+    test_ids = {query for query, _, _ in beir_qrels("test.tsv")}
+    test_texts = {queries[query] for query in test_ids}
+    assert len(test_ids) == 300 and not set(first_doc) & test_ids
+    assert not set(loaded["anchor"]) & test_texts
+    # 809 train claims: 2 have the text of a test claim (dropped), 2 repeat an earlier train claim's text (dropped)
+    assert len({queries[query] for query in first_doc} & test_texts) == 2
+    kept, seen = [], set()
+    for query in first_doc:
+        if queries[query] not in test_texts and queries[query] not in seen:
+            seen.add(queries[query])
+            kept.append(query)
+    assert len(kept) == 805
+    assert loaded["anchor"] == [queries[query] for query in kept]
+    assert loaded["positive"] == [corpus[first_doc[query]] for query in kept]
+
+
 def test_coco_file_that_is_not_coco_is_refused(tmp_path, monkeypatch):
     (tmp_path / "coco_captions").mkdir()
     (tmp_path / "coco_captions/captions_val2017.json").write_text('{"images": []}')
@@ -306,12 +443,31 @@ def test_coco_file_that_is_not_coco_is_refused(tmp_path, monkeypatch):
 def test_presets_are_described_and_avoid_evaluation_splits():
     assert set(PRESETS) == {
         "snli-triplets", "mrpc-pairs", "stsb-train-pairs", "stsb-train-scored", "sick-train-pairs", "coco-pairs",
-        "wiki-unsup",
+        "wiki-unsup", "squad-qa", "medquad-qa", "scifact-train",
     }
     for name, preset in PRESETS.items():
         assert preset.name == name
         assert preset.description and "\n" not in preset.description and "%" not in preset.description
-        assert not any(s in preset.path for s in ("sts-dev", "sts-test", "SICK_test", "beir_scifact", "banking77"))
+        evaluation = ("sts-dev", "sts-test", "SICK_test", "qrels/test", "squad_v1.1/dev", "banking77")
+        assert not any(s in preset.path for s in evaluation)
+        assert preset.path == "beir_scifact/qrels/train.tsv" or "beir_scifact" not in preset.path
+    # query -> passage sources are marked for the query/document soft prompts; the symmetric ones are not
+    assert {name for name, preset in PRESETS.items() if preset.retrieval} == {"squad-qa", "medquad-qa", "scifact-train"}
+    in_domain = "IN-DOMAIN for SciFact: results trained with it are labelled in-domain"
+    assert in_domain in PRESETS["scifact-train"].description
+    assert not (DATA / "squad_v1.1/dev.paragraphs.jsonl.gz").exists()  # only SQuAD train is bundled
+
+
+def test_bundled_files_match_sha256sums():
+    listed = {}
+    for line in (DATA / "SHA256SUMS").read_text(encoding="utf-8").splitlines():
+        digest, path = line.split("  ", 1)
+        assert path.startswith("./") and path not in listed
+        listed[path[2:]] = digest
+    for relative in ("squad_v1.1/train.paragraphs.jsonl.gz", "medquad/pairs.jsonl.gz"):
+        assert hashlib.sha256((DATA / relative).read_bytes()).hexdigest() == listed[relative]
+    for preset in PRESETS.values():
+        assert preset.path in listed
 
 
 def test_preset_limit():
@@ -383,7 +539,7 @@ def test_presets_import_without_heavy_packages():
         "print(len(PRESETS), sorted(m for m in ('datasets', 'pyarrow', 'torch', 'transformers') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["7", "[]"]
+    assert result.stdout.split() == ["10", "[]"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

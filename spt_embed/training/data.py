@@ -8,9 +8,11 @@ data, so that PRESETS (names and descriptions, shown by `spt-embed train --help`
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +56,9 @@ class Preset:
     description: str  # one line, shown by `spt-embed train --help` (no '%': argparse formats help strings)
     path: str  # relative to data_root()
     read: Callable[[Path], datasets.Dataset] = field(repr=False)  # raw rows, already named anchor/positive[/negative]
+    # True for asymmetric query -> passage sources: training routes their anchor column through a model's `query`
+    # soft prompt and positive/negative through `document` when the model has them.
+    retrieval: bool = False
 
     def load(self, *, limit: int | None = None) -> datasets.Dataset:
         """The preset's rows in the anchor/positive[/negative] schema, cleaned like a user file."""
@@ -132,13 +137,161 @@ def _read_sentences(path: Path) -> datasets.Dataset:
     return _pairs(lines, lines)
 
 
+def _read_jsonl_gz(path: Path) -> list[tuple[int, dict]]:
+    """(1-based line number, object) of a gzipped JSON-lines file; a damaged file is a ValueError naming it (and the
+    line, for a line that is not a JSON object). Blank lines are skipped; lines are split on '\\n' only."""
+    try:
+        text = gzip.decompress(path.read_bytes()).decode("utf-8")
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not gzipped UTF-8 text ({exc}); the bundled file is damaged.") from None
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}); the bundled file is damaged.") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}; the bundled file "
+                             f"is damaged.")
+        rows.append((number, row))
+    if not rows:
+        raise ValueError(f"{path} holds no rows; the bundled file is damaged.")
+    return rows
+
+
+def _text_field(row: dict, key: str, path: Path, number: int) -> str:
+    """row[key] as a non-empty string; a ValueError naming the file and line otherwise."""
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{path}:{number}: field {key!r} must be non-empty text, got {_short_repr(value)}; the "
+                         f"bundled file is damaged.")
+    return value
+
+
+def _read_squad_qa(path: Path) -> datasets.Dataset:
+    """SQuAD paragraphs (one a line: title, context, qas) as question -> paragraph rows with a hard negative.
+
+    One row per paragraph, its first question as anchor, so that no paragraph is the positive of two rows. The
+    negative is the next paragraph of the same article (same title) in file order, wrapping round to the article's
+    first; for an article of one paragraph, the first paragraph of the next article (wrapping round to the first)."""
+    import datasets
+
+    articles: dict[str, list[int]] = {}  # title -> row indices, in file order
+    anchors, positives = [], []
+    for number, row in _read_jsonl_gz(path):
+        title = _text_field(row, "title", path, number)
+        positives.append(_text_field(row, "context", path, number))
+        qas = row.get("qas")
+        if not isinstance(qas, list) or not qas or not isinstance(qas[0], dict):
+            raise ValueError(f"{path}:{number}: 'qas' must be a non-empty list of questions; the bundled file is "
+                             f"damaged.")
+        anchors.append(_text_field(qas[0], "question", path, number))
+        articles.setdefault(title, []).append(len(positives) - 1)
+    if len(positives) < 2:
+        raise ValueError(f"{path}: {len(positives)} paragraph(s); a hard negative needs at least two.")
+    negatives = [""] * len(positives)
+    groups = list(articles.values())
+    for at, indices in enumerate(groups):
+        for k, index in enumerate(indices):
+            other = indices[(k + 1) % len(indices)] if len(indices) > 1 else groups[(at + 1) % len(groups)][0]
+            negatives[index] = positives[other]
+    return datasets.Dataset.from_dict({"anchor": anchors, "positive": positives, "negative": negatives})
+
+
+def _read_medquad_qa(path: Path) -> datasets.Dataset:
+    """MedQuAD (query, passage) pairs. The same question text recurs with different answers across subsets (and a
+    few answers under several questions): a row is kept only when neither its question nor its passage is in a row
+    kept before it (file order), so that no two rows share a text (a shared one would be a false in-batch negative)."""
+    anchors, positives = [], []
+    seen_queries: set[str] = set()
+    seen_passages: set[str] = set()
+    rows = _read_jsonl_gz(path)
+    for number, row in rows:
+        query = _text_field(row, "query", path, number)
+        passage = _text_field(row, "passage", path, number)
+        if query in seen_queries or passage in seen_passages:
+            continue
+        seen_queries.add(query)
+        seen_passages.add(passage)
+        anchors.append(query)
+        positives.append(passage)
+    logger.info("%s: %d of %d pairs kept (a repeated question or passage is dropped)", path, len(anchors), len(rows))
+    return _pairs(anchors, positives)
+
+
+def _beir_file(qrels: Path, name: str) -> Path:
+    """`name` (queries.jsonl, corpus.jsonl) of the BEIR dataset whose qrels file is `qrels` (<root>/qrels/x.tsv)."""
+    path = qrels.parents[1] / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing (needed beside {qrels}). Restore it from the repository (data/SHA256SUMS lists every "
+            f"file) or point SPT_EMBED_DATA at a complete copy."
+        )
+    return path
+
+
+def _read_beir_jsonl(path: Path, fields: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """_id -> the `fields` of each object of a BEIR queries/corpus JSON-lines file."""
+    found: dict[str, tuple[str, ...]] = {}
+    for number, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            values = tuple(row[key] for key in ("_id", *fields))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{number}: not a BEIR object with _id and {list(fields)} ({exc!r}); the bundled "
+                             f"file is damaged.") from None
+        if not all(isinstance(value, str) for value in values):
+            raise ValueError(f"{path}:{number}: _id and {list(fields)} must be strings; the bundled file is damaged.")
+        found[values[0]] = values[1:]
+    return found
+
+
+def _read_scifact_train(path: Path) -> datasets.Dataset:
+    """SciFact TRAIN claims -> relevant abstract (title + " " + text) from BEIR's qrels/train.tsv, queries.jsonl and
+    corpus.jsonl; the test qrels are never read. One row per claim: its first relevant document in qrels order.
+    queries.jsonl holds the train and test claims: a train claim whose text is also the text of a query outside the
+    train qrels (a test claim: two such in BEIR SciFact) is dropped, and so is a claim text already used."""
+    header = read_lines(path)[:1]
+    if header != ["query-id\tcorpus-id\tscore"]:
+        raise ValueError(f"{path}: expected the BEIR qrels header 'query-id<TAB>corpus-id<TAB>score', got "
+                         f"{_short_repr(header[0] if header else '')}; the bundled file is damaged.")
+    first_doc: dict[str, str] = {}
+    for number, fields_ in tsv_rows(path, min_fields=3, header=True):
+        if parse_score(fields_[2], path, number) > 0:
+            first_doc.setdefault(fields_[0], fields_[1])
+    queries = {key: value[0] for key, value in _read_beir_jsonl(_beir_file(path, "queries.jsonl"), ("text",)).items()}
+    corpus = _read_beir_jsonl(_beir_file(path, "corpus.jsonl"), ("title", "text"))
+    other_texts = {text for key, text in queries.items() if key not in first_doc}
+    anchors, positives = [], []
+    used: set[str] = set()
+    for query, doc in first_doc.items():
+        if query not in queries or doc not in corpus:
+            raise ValueError(f"{path}: query {query!r} or document {doc!r} is not in queries.jsonl/corpus.jsonl; the "
+                             f"bundled files do not match.")
+        claim = queries[query]
+        if claim in other_texts or claim in used:
+            continue
+        used.add(claim)
+        title, text = corpus[doc]
+        anchors.append(claim)
+        positives.append(f"{title} {text}".strip())
+    logger.info("%s: %d of %d train claims kept (test-claim texts and repeats dropped)", path, len(anchors),
+                len(first_doc))
+    return _pairs(anchors, positives)
+
+
 def _pairs(anchors: list[str], positives: list[str]) -> datasets.Dataset:
     import datasets
 
     return datasets.Dataset.from_dict({"anchor": anchors, "positive": positives})
 
 
-# Only training-safe splits: STS-B dev selects models; STS-B/SICK/SciFact/Banking77 test sets are for reporting.
+# Only training-safe splits: STS-B dev selects models; STS-B/SICK/SciFact/Banking77 test sets are for reporting
+# (scifact-train reads SciFact's train qrels only); SQuAD dev is not bundled.
 PRESETS: dict[str, Preset] = {
     preset.name: preset
     for preset in (
@@ -185,6 +338,31 @@ PRESETS: dict[str, Preset] = {
             "dropout, which a frozen backbone lacks, so use it only combined with other data.",
             "wiki1m_prefix/wiki1m_for_simcse.first11914lines.txt",
             _read_sentences,
+        ),
+        Preset(
+            "squad-qa",
+            "SQuAD v1.1 train (CC BY-SA 4.0), question -> its Wikipedia paragraph, one question per paragraph, "
+            "18,891 rows, another paragraph of the same article as hard negative.",
+            "squad_v1.1/train.paragraphs.jsonl.gz",
+            _read_squad_qa,
+            retrieval=True,
+        ),
+        Preset(
+            "medquad-qa",
+            "MedQuAD (CC BY 4.0) medical question -> answer passage, first row per question and per passage, "
+            "14,462 rows.",
+            "medquad/pairs.jsonl.gz",
+            _read_medquad_qa,
+            retrieval=True,
+        ),
+        Preset(
+            "scifact-train",
+            "SciFact train claims (CC BY-NC 2.0) -> relevant abstract of the BEIR train qrels (title and text), one "
+            "row per claim, 805 rows, no test claim; IN-DOMAIN for SciFact: results trained with it are labelled "
+            "in-domain.",
+            "beir_scifact/qrels/train.tsv",
+            _read_scifact_train,
+            retrieval=True,
         ),
     )
 }
