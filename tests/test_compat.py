@@ -58,7 +58,10 @@ def test_todays_save_writes_the_same_files(tmp_path):
     spt_embed.save(model, tmp_path / "again", include_backbone=True)
     assert files(tmp_path / "again") == files(ADAPTER)
     # Fields added since 0.1 are written with the value a 0.1 folder is read with.
-    added = {"spt_config.json": {"readout": "last", "method": "suffix"}, "backbone/config.json": {}}
+    added = {
+        "spt_config.json": {"readout": "last", "method": "suffix", "tasks": [], "task_max_length": {}},
+        "backbone/config.json": {},
+    }
     for name in ("spt_config.json", "backbone/config.json"):
         assert settings(tmp_path / "again" / name) == {**settings(ADAPTER / name), **added[name]}
     reloaded = spt_embed.load(tmp_path / "again").encode(TEXTS, convert_to_numpy=True)

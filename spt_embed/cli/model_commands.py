@@ -100,6 +100,12 @@ def run_info(args: argparse.Namespace) -> None:
         ("readout", cfg.readout.value),
         ("text template", f"{template!r} before every text" if template else "none"),
         ("max length", f"{cfg.max_length} (text + soft tokens)"),
+        *((("task max length", ", ".join(f"{task} {n}" for task, n in cfg.task_max_length.items())),)
+          if cfg.task_max_length else ()),
+        (
+            "soft prompts",
+            f"default + {', '.join(cfg.tasks)} (encode_query / encode_document use theirs)" if cfg.tasks else "one",
+        ),
         ("normalised", "yes" if len(model) > 1 else "no"),
         ("trainable parameters", f"{trainable:,}"),
         ("total parameters", f"{total:,}"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,13 @@ WEIGHTS_NAME = "soft_prompt.safetensors"
 WEIGHTS_KEY = "soft_prompt"
 LAYER_WEIGHTS_KEY = "layer_weights"  # the layer-mix readout's weights, beside the soft tokens in WEIGHTS_NAME
 LAYER_OFFSETS_KEY = "layer_offsets"  # deep-suffix: per-layer offsets (N, K, H) at the soft positions, same file
+DEFAULT_TASK_PROMPT = "default"  # how freeze lists and index metadata name the prompt of texts without a task
+TASK_NAME = re.compile(r"[a-z][a-z0-9_-]*")  # a task soft prompt's name: lower case, as sentence-transformers' tasks
+
+
+def task_weights_key(task: str) -> str:
+    """The key of task `task`'s soft tokens (K, H) in the weights file, beside the default prompt's."""
+    return f"{WEIGHTS_KEY}.{task}"
 
 
 class AdapterMethod(str, enum.Enum):
@@ -93,6 +101,22 @@ class SuffixPromptConfig:
             "read 'suffix'."
         },
     )
+    tasks: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Names of task soft prompts beside the default one, e.g. ['query', 'document']: each is K soft "
+            "tokens of its own on the same backbone, used for the texts encoded under that task "
+            "(sentence-transformers' encode_query / encode_document pass task='query' / 'document'); every "
+            "other text (encode(), STS, classification) goes through the default prompt. Empty: one prompt."
+        },
+    )
+    task_max_length: dict[str, int] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Maximum sequence length (incl. the K soft tokens) per task, e.g. {'query': 128, 'document': "
+            "512}: long documents, short queries. A task not named here uses max_length."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed for random and vocab initialisation."})
     spt_embed_version: str = field(default="", metadata={"help": "Library version that wrote the config."})
 
@@ -116,6 +140,22 @@ class SuffixPromptConfig:
                 "the text and so never see it: every text would get the same embedding. Use placement='suffix' or "
                 "another readout."
             )
+        self.tasks = list(self.tasks)
+        bad = [task for task in self.tasks if not isinstance(task, str) or not TASK_NAME.fullmatch(task)]
+        bad += [task for task in self.tasks if task == DEFAULT_TASK_PROMPT]  # the name of the default prompt
+        if bad or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(
+                f"tasks must be distinct lower-case names such as 'query' and 'document', got {self.tasks!r}."
+            )
+        self.task_max_length = dict(self.task_max_length)
+        for task, length in self.task_max_length.items():
+            if not isinstance(task, str) or not TASK_NAME.fullmatch(task):
+                raise ValueError(f"task_max_length: {task!r} is not a task name (lower case, e.g. 'document').")
+            if not isinstance(length, int) or isinstance(length, bool) or length <= self.num_tokens:
+                raise ValueError(
+                    f"task_max_length[{task!r}] must be an integer above the {self.num_tokens} soft tokens, got "
+                    f"{length!r}."
+                )
         if self.init is Init.TEXT and not self.init_text.strip():
             raise ValueError("init='text' needs a non-empty init_text; pass init_text='...' or use init='vocab'.")
         if self.max_length <= self.num_tokens:

@@ -61,8 +61,9 @@ class DeepSuffixModule(SuffixPromptModule):
         soft_prompt: torch.Tensor | None = None,
         layer_weights: torch.Tensor | None = None,
         layer_offsets: torch.Tensor | None = None,
+        task_prompts: dict[str, torch.Tensor] | None = None,
     ):
-        super().__init__(backbone, config, soft_prompt, layer_weights)
+        super().__init__(backbone, config, soft_prompt, layer_weights, task_prompts)
         layers = decoder_layers(self.backbone)
         shape = (len(layers), config.num_tokens, self.backbone.config.hidden_size)
         if layer_offsets is None:

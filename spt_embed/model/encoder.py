@@ -33,6 +33,8 @@ class SuffixPromptEncoder(SentenceTransformer):
         readout: Readout | str = Readout.LAST,
         prompt: str | None = None,
         method: AdapterMethod | str = AdapterMethod.SUFFIX,
+        tasks: list[str] | None = None,
+        task_max_length: dict[str, int] | None = None,
         normalize: bool = True,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
@@ -42,7 +44,9 @@ class SuffixPromptEncoder(SentenceTransformer):
 
         `prompt`: a hard text template put before every text (e.g. 'This sentence : "'), the soft tokens following
         the text; it becomes the encoder's default sentence-transformers prompt (see `template_prompts`).
-        `method`: suffix (the soft tokens alone) or deep-suffix (plus per-layer offsets at the soft positions)."""
+        `method`: suffix (the soft tokens alone) or deep-suffix (plus per-layer offsets at the soft positions).
+        `tasks`: soft prompts of their own for these tasks, e.g. ['query', 'document'] (`encode_query` /
+        `encode_document`; `encode` keeps the default prompt); `task_max_length`: a maximum length per task."""
         if prompt is not None and (not isinstance(prompt, str) or not prompt):
             raise ValueError(f"prompt must be a non-empty string or None, got {prompt!r}.")
         module = SuffixPromptModule.from_backbone(
@@ -54,6 +58,8 @@ class SuffixPromptEncoder(SentenceTransformer):
             max_length=max_length,
             readout=readout,
             method=method,
+            tasks=tasks,
+            task_max_length=task_max_length,
             seed=seed,
             dtype=dtype,
         )

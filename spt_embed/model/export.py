@@ -90,6 +90,20 @@ def export(
             f"tokens as vocabulary rows, nothing else). Use the adapter itself: spt_embed.load(...) (or "
             f"SentenceTransformer(adapter, trust_remote_code=True)) gives the same encoder (nothing was written)."
         )
+    if module.task_names:
+        raise ValueError(
+            f"An adapter with task soft prompts ({', '.join(module.task_names)}, beside the default one) cannot be "
+            f"exported as a plain SentenceTransformer: export writes one set of soft tokens as vocabulary rows "
+            f"after every text, and sentence-transformers' prompts and Router can only put text before it or route "
+            f"to whole copies of the backbone. Use the adapter itself: spt_embed.load(...) (or "
+            f"SentenceTransformer(adapter, trust_remote_code=True)) routes encode_query / encode_document to their "
+            f"prompts (nothing was written)."
+        )
+    if module.spt_config.task_max_length:
+        logger.warning(
+            "The export has one maximum length (%d tokens) for every text; the adapter's per-task lengths %s are "
+            "not kept.", module.max_seq_length, module.spt_config.task_max_length
+        )
     if module.spt_config.placement is not Placement.SUFFIX:
         raise ValueError("Only suffix placement can be exported as a plain SentenceTransformer (prefix cannot pool last).")
     if module.readout is not Readout.LAST:

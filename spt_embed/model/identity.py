@@ -78,12 +78,29 @@ def model_fingerprint(model) -> tuple[str, str]:
             setup["readout"] = first.readout.value
         if first.spt_config.method.value != "suffix":
             setup["method"] = first.spt_config.method.value
+        if first.spt_config.tasks:  # task soft prompts: which tensor is which task's
+            setup["tasks"] = first.spt_config.tasks
+        if first.spt_config.task_max_length:  # a shorter or longer cut changes the embeddings
+            setup["task_max_length"] = first.spt_config.task_max_length
         digest.update(json.dumps(setup, sort_keys=True).encode())
         for key, tensor in sorted(first.adapter_tensors().items(), key=lambda item: item[0] != "soft_prompt"):
             digest.update(tensor.detach().to(torch.float32).cpu().numpy().tobytes())  # the soft prompt first
         return digest.hexdigest()[:16], backbone
     hash_weight_sample(digest, model.state_dict(), with_shapes=True)
     return digest.hexdigest()[:16], ""
+
+
+def prompt_routes(model) -> dict[str, str]:
+    """The soft prompt that queries (`encode_query`) and documents (`encode_document`) go through, for a
+    suffix-prompt encoder with task prompts: {'query': ..., 'document': ...}, 'default' for a side without a prompt
+    of its own. Empty for every other model (one prompt, or none), so indexes written before task prompts existed
+    compare equal."""
+    from spt_embed.model.module import SuffixPromptModule
+
+    first = model[0]
+    if not isinstance(first, SuffixPromptModule) or not first.task_names:
+        return {}
+    return {side: side if side in first.task_names else "default" for side in ("query", "document")}
 
 
 def file_sha256(path: Path) -> str:

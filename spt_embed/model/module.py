@@ -30,6 +30,7 @@ from spt_embed.model.config import (
     Placement,
     Readout,
     SuffixPromptConfig,
+    task_weights_key,
 )
 from spt_embed.model.fast_path import ForwardPath, fast_forward
 from spt_embed.model.soft_prompt import (
@@ -45,13 +46,21 @@ logger = logging.getLogger(__name__)
 
 class SuffixPromptModule(BackboneModule):
     """K trainable soft tokens appended to every text; the frozen backbone's hidden states, read out as the config's
-    `readout` says, are the embedding. With readout='layer-mix' the per-layer weights train too."""
+    `readout` says, are the embedding. With readout='layer-mix' the per-layer weights train too.
+
+    With `config.tasks` (e.g. query and document) the module holds one more set of K soft tokens per task, all on
+    the same backbone: a text preprocessed under task T (sentence-transformers' `encode_query` / `encode_document`,
+    or a training column routed by `router_mapping`) goes through T's tokens, every other text through the default
+    ones."""
 
     config_file_name = CONFIG_NAME
     method = AdapterMethod.SUFFIX  # what from_backbone builds unless told otherwise
     DEFAULT_PACK_TOKENS = 64
     folder_kind = "Adapter"
     mismatch_hint = "its soft tokens will not mean the same there. Load it on the backbone it was trained on"
+    # sentence-transformers hands `task` to forward() (encode_query / encode_document, the GradCache loss); the same
+    # task also reaches preprocess(), which records it in the features for the paths that do not pass it.
+    forward_kwargs = {"task"}
 
     def __init__(
         self,
@@ -59,6 +68,7 @@ class SuffixPromptModule(BackboneModule):
         config: SuffixPromptConfig,
         soft_prompt: torch.Tensor | None = None,
         layer_weights: torch.Tensor | None = None,
+        task_prompts: dict[str, torch.Tensor] | None = None,
     ):
         super().__init__(backbone)
         if config.method is not self.method:
@@ -90,6 +100,23 @@ class SuffixPromptModule(BackboneModule):
             raise ValueError(f"Soft prompt has shape {tuple(soft_prompt.shape)}, expected {expected} (K, hidden).")
         device = next(self.backbone.parameters()).device
         self.soft_prompt = torch.nn.Parameter(soft_prompt.detach().to(device=device, dtype=torch.float32).clone())
+        if task_prompts is None:  # fresh: every task starts from the default prompt's init
+            task_prompts = {task: soft_prompt for task in config.tasks}
+        if sorted(task_prompts) != sorted(config.tasks):
+            raise ValueError(
+                f"Task soft prompts {sorted(task_prompts)} were given, but the config names the tasks "
+                f"{sorted(config.tasks)}; the adapter folder is inconsistent: re-save or retrain it."
+            )
+        for task, tensor in task_prompts.items():
+            if tuple(tensor.shape) != expected:
+                raise ValueError(f"Task {task!r} soft prompt has shape {tuple(tensor.shape)}, expected {expected}.")
+        # In the config's order, so that saving and hashing see the tasks in a fixed order.
+        self.task_prompts = torch.nn.ParameterDict(
+            {
+                task: torch.nn.Parameter(task_prompts[task].detach().to(device=device, dtype=torch.float32).clone())
+                for task in config.tasks
+            }
+        )
         self.layer_weights: torch.nn.Parameter | None = None
         if config.readout is Readout.LAYER_MIX:
             # One weight per entry of the backbone's `hidden_states` (output_hidden_states=True): the embedding
@@ -121,8 +148,8 @@ class SuffixPromptModule(BackboneModule):
         cls, backbone: str | os.PathLike | Backbone, *, dtype: torch.dtype = torch.float32, **config: Any
     ) -> SuffixPromptModule:
         """A fresh module on `backbone` (a spec, loaded in `dtype`, or a loaded Backbone). `config`: fields of
-        SuffixPromptConfig (num_tokens, init, init_text, placement, max_length, readout, method, seed); None keeps
-        a default. The method picks the class (deep-suffix: `DeepSuffixModule`)."""
+        SuffixPromptConfig (num_tokens, init, init_text, placement, max_length, readout, method, tasks,
+        task_max_length, seed); None keeps a default. The method picks the class (deep-suffix: `DeepSuffixModule`)."""
         if not isinstance(backbone, Backbone):
             backbone = load_backbone(backbone, dtype=dtype)
         given = {name: value for name, value in config.items() if value is not None}
@@ -155,14 +182,39 @@ class SuffixPromptModule(BackboneModule):
         self.backbone.eval()  # the backbone is frozen: no dropout, whatever the trainer asks
         return self
 
+    @property
+    def task_names(self) -> list[str]:
+        """The tasks with soft prompts of their own (besides the default), in the config's order."""
+        return list(self.spt_config.tasks)
+
+    def soft_prompt_for(self, task: str | None) -> torch.Tensor:
+        """The soft tokens (K, H) a text of `task` goes through: the task's own, else the default prompt's."""
+        if task is not None and task in self.task_prompts:
+            return self.task_prompts[task]
+        return self.soft_prompt
+
+    def max_length_for(self, task: str | None) -> int:
+        """Maximum sequence length (soft tokens included) for a text of `task`."""
+        return self.spt_config.task_max_length.get(task, self.max_seq_length) if task else self.max_seq_length
+
     def preprocess(
-        self, inputs: Sequence[str], prompt: str | None = None, **kwargs: Any
+        self,
+        inputs: Sequence[str],
+        prompt: str | None = None,
+        task: str | None = None,
+        max_length: int | None = None,
+        **kwargs: Any,
     ) -> dict[str, torch.Tensor | Any]:
-        """Left-padded token ids of the texts, cut to leave room for the K soft tokens.
+        """Left-padded token ids of the texts, cut to leave room for the K soft tokens: to the task's maximum
+        length (`task_max_length`), or `max_length` where the caller gives one (a training collator's override).
 
         An empty string yields no text tokens: its embedding is that of the soft prompt alone (plus any special
-        tokens the tokenizer adds), the same vector for every empty input.
+        tokens the tokenizer adds), the same vector for every empty input. The task, when given, is kept in the
+        features so that forward() picks its soft prompt whichever way it is called.
         """
+        limit = max_length or self.max_length_for(task)
+        if limit <= self.num_tokens:
+            raise ValueError(f"max_length must exceed the {self.num_tokens} soft tokens, got {limit}.")
         texts = [prompt + text if prompt else text for text in self.check_texts(inputs)]
         empty = sum(1 for text in texts if not text)
         if empty:
@@ -174,22 +226,28 @@ class SuffixPromptModule(BackboneModule):
             texts,
             padding=True,
             truncation=True,
-            max_length=self.max_seq_length - self.num_tokens,
+            max_length=limit - self.num_tokens,
             padding_side="left",
             return_tensors="pt",
         )
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        features: dict[str, Any] = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        if task is not None:
+            features["task"] = task
+        return features
 
-    def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
+    def forward(
+        self, features: dict[str, torch.Tensor], task: str | None = None, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
         # Left-padded, as preprocess() made it, even where a loss joined columns with padding on the right.
         input_ids, attention_mask = left_align(features["input_ids"], features["attention_mask"])
-        path = self.resolve_path(input_ids.shape[1])
+        soft_prompt = self.soft_prompt_for(task if task is not None else features.get("task"))
+        path = self.resolve_path(input_ids.shape[1], soft_prompt)
         all_layers = self.readout is Readout.LAYER_MIX
         with grouped_query_sdpa():
             if path is ForwardPath.FAST:
                 out = fast_forward(
                     self.backbone,
-                    self.soft_prompt,
+                    soft_prompt,
                     input_ids,
                     attention_mask,
                     pack_tokens=self.pack_tokens,
@@ -199,7 +257,9 @@ class SuffixPromptModule(BackboneModule):
                 )
             else:
                 with self.soft_scope():
-                    out = self._full_forward(input_ids, attention_mask, output_hidden_states=all_layers)
+                    out = self._full_forward(
+                        input_ids, attention_mask, soft_prompt, output_hidden_states=all_layers
+                    )
         hidden = pool(
             self.readout,
             out.last_hidden_state,
@@ -218,22 +278,25 @@ class SuffixPromptModule(BackboneModule):
         return contextlib.nullcontext()
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
-        """What the adapter trains, by its key in the weights file: the soft tokens and, for layer-mix, the layer
-        weights."""
+        """What the adapter trains, by its key in the weights file: the soft tokens (the default prompt's and every
+        task's) and, for layer-mix, the layer weights."""
         tensors = {WEIGHTS_KEY: self.soft_prompt}
+        tensors.update({task_weights_key(task): tensor for task, tensor in self.task_prompts.items()})
         if self.layer_weights is not None:
             tensors[LAYER_WEIGHTS_KEY] = self.layer_weights
         return tensors
 
-    def resolve_path(self, text_length: int) -> ForwardPath:
-        """Which forward pass to run; the fast path is exact only for causal attention and suffix placement."""
+    def resolve_path(self, text_length: int, soft_prompt: torch.Tensor | None = None) -> ForwardPath:
+        """Which forward pass to run; the fast path is exact only for causal attention and suffix placement.
+        `soft_prompt`: the tokens this batch goes through (the default prompt if None)."""
         exact = self.is_causal and self.spt_config.placement is Placement.SUFFIX
         if self.forward_path is ForwardPath.FAST and not exact:
             raise ValueError(
                 "The fast path needs a causal backbone and suffix placement (otherwise the text's hidden states "
                 "depend on the soft tokens); use forward_path='full' or 'auto'."
             )
-        wants_grad = torch.is_grad_enabled() and self.soft_prompt.requires_grad
+        soft_prompt = self.soft_prompt if soft_prompt is None else soft_prompt
+        wants_grad = torch.is_grad_enabled() and soft_prompt.requires_grad
         if self.forward_path is ForwardPath.AUTO:
             path = ForwardPath.FAST if exact and wants_grad else ForwardPath.FULL
         else:
@@ -255,10 +318,19 @@ class SuffixPromptModule(BackboneModule):
             self._logged_path = path
         return path
 
-    def _full_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, output_hidden_states: bool):
-        """The backbone's output over the spliced sequence (B, L+K, H); every layer's states too if asked."""
+    def _full_forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        soft_prompt: torch.Tensor | None = None,
+        *,
+        output_hidden_states: bool,
+    ):
+        """The backbone's output over the spliced sequence (B, L+K, H); every layer's states too if asked.
+        `soft_prompt`: the tokens to splice in (the default prompt if None)."""
+        soft_prompt = self.soft_prompt if soft_prompt is None else soft_prompt
         text_embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, L, H)
-        embeds, mask = splice(text_embeds, attention_mask, self.soft_prompt, self.spt_config.placement)  # (B, L+K, H)
+        embeds, mask = splice(text_embeds, attention_mask, soft_prompt, self.spt_config.placement)  # (B, L+K, H)
         return self.backbone(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -315,12 +387,16 @@ class SuffixPromptModule(BackboneModule):
                 f"(method={config.method.value!r}, readout={config.readout.value!r}) needs {sorted(expected)}; the "
                 f"adapter folder is inconsistent: re-save or retrain it."
             )
-        return module_class(backbone, config, **{ARGUMENT_OF[key]: tensors[key] for key in expected})
+        arguments = {ARGUMENT_OF[key]: tensors[key] for key in expected if key in ARGUMENT_OF}
+        if config.tasks:
+            arguments["task_prompts"] = {task: tensors[task_weights_key(task)] for task in config.tasks}
+        return module_class(backbone, config, **arguments)
 
     @classmethod
     def expected_tensors(cls, config: SuffixPromptConfig) -> set[str]:
         """The keys an adapter's weights file holds under `config`."""
-        return {WEIGHTS_KEY} | ({LAYER_WEIGHTS_KEY} if config.readout is Readout.LAYER_MIX else set())
+        keys = {WEIGHTS_KEY} | {task_weights_key(task) for task in config.tasks}
+        return keys | ({LAYER_WEIGHTS_KEY} if config.readout is Readout.LAYER_MIX else set())
 
 
 def adapter_class(method: AdapterMethod) -> type[SuffixPromptModule]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from spt_embed.atomic import atomic_folder, previous_folder
-from spt_embed.model.identity import model_fingerprint
+from spt_embed.model.identity import model_fingerprint, prompt_routes
 from spt_embed.recipe import enum_text
 from spt_embed.retrieval.faiss_factory import IndexType, import_faiss, new_faiss_index
 from spt_embed.retrieval.metadata import (
@@ -110,6 +110,13 @@ class Index:
                 f"The index was built by model {self.metadata.model or '(unnamed)'} with fingerprint "
                 f"{self.metadata.fingerprint}, but the given model has fingerprint {fingerprint}: its query "
                 f"embeddings would not match the documents. Search with the model that built the index, or rebuild it."
+            )
+        routes = prompt_routes(model)
+        if routes != self.metadata.prompt_routes:
+            raise ValueError(
+                f"The index's documents were encoded through soft prompts {self.metadata.prompt_routes or 'default'} "
+                f"but this model routes {routes or 'every text through its default prompt'}: queries and documents "
+                f"would not meet in the same space. Search with the model that built the index, or rebuild it."
             )
         self._model = model
 
@@ -303,6 +310,7 @@ def build_index(
         backbone_fingerprint=backbone,
         index_type=enum_text(index_type),
         query_prompt=query_prompt,
+        prompt_routes=prompt_routes(model),
         dtype=weights_dtype(model),
         skipped_empty=len(empty),
     )

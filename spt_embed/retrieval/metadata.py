@@ -52,6 +52,10 @@ class IndexMetadata:
     index_type: str = field(default="flat", metadata={"help": "Preset (flat, hnsw, ivfpq) or factory string asked."})
     factory: str = field(default="Flat", metadata={"help": "The FAISS factory string actually built."})
     query_prompt: str | None = field(default=None, metadata={"help": "Text prepended to every query, never to docs."})
+    prompt_routes: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "SPT with task prompts: the soft prompt documents and queries go through (prompt_routes)."},
+    )
     dtype: str = field(default="float32", metadata={"help": "Weights' dtype of the encoder; queries are encoded in it."})
     corpus: dict[str, Any] | None = field(default=None, metadata={"help": "CorpusSpec of the indexed file, if one."})
     spt_embed_version: str = field(default="", metadata={"help": "Library version that wrote the index."})
@@ -65,7 +69,7 @@ class IndexMetadata:
 
     def check_same_model(self, other: IndexMetadata, what: str, other_what: str) -> None:
         """ValueError unless both were built by the same model with the same query prompt."""
-        for name in ("fingerprint", "dimension", "query_prompt"):
+        for name in ("fingerprint", "dimension", "query_prompt", "prompt_routes"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 raise ValueError(
@@ -85,6 +89,9 @@ class ShardMetadata:
     model: str = field(default="", metadata={"help": "Model spec the encoder was opened from."})
     backbone_fingerprint: str = field(default="", metadata={"help": "SPT only: the backbone's fingerprint."})
     query_prompt: str | None = field(default=None, metadata={"help": "Query prompt the index will apply."})
+    prompt_routes: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "SPT with task prompts: the soft prompt of documents and queries."}
+    )
     dtype: str = field(default="float32", metadata={"help": "Weights' dtype of the encoder (resume in the same)."})
     index_type: str = field(default=IndexType.FLAT.value, metadata={"help": "Index type the merge builds by default."})
     block_size: int = field(default=DEFAULT_BLOCK_SIZE, metadata={"help": "Documents per part (resume granularity)."})
@@ -125,6 +132,7 @@ class ShardMetadata:
             backbone_fingerprint=self.backbone_fingerprint,
             index_type=index_type,
             query_prompt=self.query_prompt,
+            prompt_routes=self.prompt_routes,
             corpus=self.corpus,
             dtype=self.dtype,
         )

@@ -33,7 +33,7 @@ from spt_embed.model.dtypes import weights_dtype
 from spt_embed.recipe import enum_text, parse_enum
 from spt_embed.retrieval.corpus import CorpusSpec, Document, Shard, count_records, iter_documents
 from spt_embed.retrieval.faiss_factory import IndexType
-from spt_embed.retrieval.index import model_fingerprint, normalize
+from spt_embed.retrieval.index import model_fingerprint, normalize, prompt_routes
 from spt_embed.retrieval.metadata import DEFAULT_BLOCK_SIZE, PARTS_DIR, SHARD_FILE, OnDuplicate, ShardMetadata
 
 logger = logging.getLogger(__name__)
@@ -171,6 +171,7 @@ def encode_shard(
         model=model_spec,
         backbone_fingerprint=backbone,
         query_prompt=query_prompt,
+        prompt_routes=prompt_routes(model),
         dtype=weights_dtype(model),
         index_type=enum_text(index_type),
         block_size=block_size,
@@ -239,7 +240,8 @@ def encode_shard(
 
 def _mismatch(found: ShardMetadata, wanted: ShardMetadata) -> str | None:
     """The first setting that differs between a shard folder and a new job, as 'name=found, not wanted'."""
-    for name in ("fingerprint", "dimension", "dtype", "corpus", "shard", "block_size", "query_prompt", "on_duplicate"):
+    for name in ("fingerprint", "dimension", "dtype", "corpus", "shard", "block_size", "query_prompt", "on_duplicate",
+                 "prompt_routes"):
         if getattr(found, name) != getattr(wanted, name):
             return f"{name}={getattr(found, name)!r}, not {getattr(wanted, name)!r}"
     return None

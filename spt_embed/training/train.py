@@ -41,7 +41,9 @@ PLOT_NAME = "training.png"
 STAGING = "adapter"  # the trained encoder is saved into .adapter.tmp-* first, then moved into the run's folder
 
 # What a checkpoint's tensors are shaped by, or trained on: a resume cannot change these.
-FIXED_ON_RESUME = ("method", "backbone", "num_tokens", "placement", "readout", "lora_r", "lora_alpha", "lora_targets")
+FIXED_ON_RESUME = (
+    "method", "backbone", "num_tokens", "placement", "readout", "tasks", "lora_r", "lora_alpha", "lora_targets"
+)
 # The options one method does not read; a resume does not compare them.
 UNUSED_BY = {
     Method.SUFFIX: ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
@@ -112,11 +114,7 @@ def load_datasets(config: TrainConfig):
     from spt_embed.training.data import load_pairs
 
     datasets = {}
-    for source in config.data:
-        name = Path(source).stem if Path(source).suffix else Path(source).name
-        name = "".join(c if c.isalnum() else "_" for c in name)
-        while name in datasets:
-            name += "_"
+    for name, source in source_names(config.data).items():
         datasets[name] = load_pairs(
             source,
             anchor=config.anchor_column,
@@ -133,6 +131,40 @@ def load_datasets(config: TrainConfig):
         _check_one_batch(datasets[name], source, config)
         logger.info("Training source %s: %d rows, columns %s", source, rows, datasets[name].column_names)
     return next(iter(datasets.values())) if len(datasets) == 1 else datasets
+
+
+def source_names(sources: list[str]) -> dict[str, str]:
+    """The name of each training source's dataset (what the trainer calls its dataset_name), in order."""
+    names: dict[str, str] = {}
+    for source in sources:
+        name = Path(source).stem if Path(source).suffix else Path(source).name
+        name = "".join(c if c.isalnum() else "_" for c in name)
+        while name in names:
+            name += "_"
+        names[name] = source
+    return names
+
+
+QUERY, DOCUMENT = "query", "document"  # sentence-transformers' tasks of encode_query / encode_document
+
+
+def router_mapping(config: TrainConfig) -> dict[str, dict[str, str]] | dict[str, str]:
+    """sentence-transformers' `router_mapping`: the task each column of a retrieval source is preprocessed under
+    (anchor: query; positive, negative: document), so that it goes through the task's soft prompt and length;
+    symmetric sources get no task (the default prompt). Per dataset when there are several sources."""
+    from spt_embed.training.data import PRESETS
+
+    columns = {"anchor": QUERY, "positive": DOCUMENT, "negative": DOCUMENT}
+    retrieval = [
+        name
+        for name, source in source_names(config.data).items()
+        if source in config.retrieval_data or (source in PRESETS and PRESETS[source].retrieval)
+    ]
+    if not retrieval:
+        return {}
+    if len(config.data) == 1:
+        return columns
+    return {name: columns for name in retrieval}
 
 
 def _check_one_batch(dataset, source: str, config: TrainConfig) -> None:
@@ -201,7 +233,7 @@ def build_model(config: TrainConfig):
         )
     from spt_embed.model.encoder import SuffixPromptEncoder
 
-    return SuffixPromptEncoder.from_backbone(
+    model = SuffixPromptEncoder.from_backbone(
         config.backbone,
         num_tokens=config.num_tokens,
         init=config.init,
@@ -211,9 +243,15 @@ def build_model(config: TrainConfig):
         readout=config.readout,
         prompt=config.prompt,
         method="deep-suffix" if config.method is Method.DEEP_SUFFIX else "suffix",
+        tasks=config.tasks,
+        task_max_length={DOCUMENT: config.document_max_length} if config.document_max_length else None,
         seed=config.seed,
         device=device,
     )
+    module = model.prompt_module
+    for name in config.freeze_prompts:
+        (module.soft_prompt if name == "default" else module.task_prompts[name]).requires_grad_(False)
+    return model
 
 
 def is_run_entry(name: str, saved: dict[str, Any]) -> bool:
@@ -283,6 +321,8 @@ def train(
         load_best_model_at_end=evaluating,
         metric_for_best_model=DEV_METRIC if evaluating else None,
         greater_is_better=True,
+        # Retrieval sources: queries through the `query` soft prompt, passages through `document`.
+        router_mapping=router_mapping(config),
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL,
         dataloader_drop_last=True,

@@ -81,6 +81,32 @@ class TrainConfig(RecipeConfig):
         },
     )
     max_length: int = field(default=128, metadata={"help": "Max tokens per training text incl. soft tokens."})
+    tasks: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Task soft prompts beside the default one (suffix, deep-suffix), e.g. query document: the "
+            "queries of retrieval sources train through `query`, their passages through `document`, every other "
+            "text through the default; encode_query / encode_document use them after training."
+        },
+    )
+    document_max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Max tokens (incl. soft tokens) of a document: the passages of retrieval sources in training, "
+            "encode_document after it (`spt-embed index`, mteb retrieval). Unset: max_length."
+        },
+    )
+    retrieval_data: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Sources of --data (files) whose anchor is a query and whose positive/negative are documents, "
+            "routed as the retrieval presets (squad-qa, medquad-qa, scifact-train) are."
+        },
+    )
+    freeze_prompts: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Soft prompts that stay as initialised: 'default' and/or task names from --tasks."},
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (lora)."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha, scale = alpha / r (lora)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input (lora)."})
@@ -135,5 +161,29 @@ class TrainConfig(RecipeConfig):
         if self.method is Method.PREFIX and self.init is Init.VOCAB:
             # Checked here, before a run folder is made or data is read.
             raise ValueError("method=prefix supports init text (the backbone's keys/values of init_text) or random.")
+        if self.tasks and self.method not in (Method.SUFFIX, Method.DEEP_SUFFIX):
+            raise ValueError(
+                f"tasks={self.tasks!r}: task soft prompts exist for method suffix and deep-suffix only, not "
+                f"{self.method.value!r}."
+            )
+        if self.document_max_length is not None and self.method not in (Method.SUFFIX, Method.DEEP_SUFFIX):
+            raise ValueError(
+                f"document_max_length is read by method suffix and deep-suffix only; method {self.method.value!r} "
+                f"cuts every text at max_length: set that instead."
+            )
+        known = {"default", *self.tasks}
+        unknown = [name for name in self.freeze_prompts if name not in known]
+        if unknown:
+            raise ValueError(f"freeze_prompts {unknown}: not a prompt of this run (its prompts: {sorted(known)}).")
+        if known <= set(self.freeze_prompts) and self.method in (Method.SUFFIX, Method.DEEP_SUFFIX):
+            if self.method is Method.SUFFIX and self.readout is not Readout.LAYER_MIX:
+                raise ValueError("freeze_prompts freezes every soft prompt: nothing would train.")
+        stray = [source for source in self.retrieval_data if source not in self.data]
+        if stray:
+            raise ValueError(f"retrieval_data {stray} is not among the training sources (data: {self.data}).")
+        if self.document_max_length is not None and self.document_max_length <= self.num_tokens:
+            raise ValueError(
+                f"document_max_length must exceed the {self.num_tokens} soft tokens, got {self.document_max_length}."
+            )
         if self.prompt == "":
             raise ValueError("prompt is empty; give the template text (e.g. 'This sentence : \"') or leave it unset.")
