@@ -234,3 +234,26 @@ def test_info_lists_the_task_prompts(backbones, tmp_path, capsys):
 def test_document_max_length_is_refused_where_unused(tmp_path):
     with pytest.raises(ValueError, match="cuts every text at max_length"):
         TrainConfig(output=str(tmp_path / "o"), data=["snli-triplets"], method="lora", document_max_length=512)
+
+
+def test_retrieval_dev_rows_are_held_out_and_can_select(tmp_path, backbones, data_root):
+    from spt_embed.training.train import load_datasets, split_retrieval_dev
+
+    data = str(qa_pairs(tmp_path / "qa.jsonl", n=56))
+    cfg = train_config(tmp_path, backbones["llama"], data=[data], retrieval_data=[data], tasks=TASKS,
+                       retrieval_dev_rows=8, select_on="retrieval", max_steps=4, eval_steps=2, save_steps=2)
+    train, held_out = split_retrieval_dev(load_datasets(cfg), cfg)
+    assert len(train) == 48 and len(held_out["qa"]) == 8
+    assert not set(train["anchor"]) & set(held_out["qa"]["anchor"])  # never trained on
+    again, _ = split_retrieval_dev(load_datasets(cfg), cfg)
+    assert again["anchor"] == train["anchor"]  # seeded
+    spt_embed.train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_qa-dev_cosine_ndcg@10" in r]
+    assert len(evals) == 2 and all("eval_stsb-dev_spearman_cosine" in r for r in evals)
+    assert all(r["eval_sequential_score"] == r["eval_qa-dev_cosine_ndcg@10"] for r in evals)  # select_on=retrieval
+    with pytest.raises(ValueError, match="needs a retrieval dev set"):
+        train_config(tmp_path, backbones["llama"], select_on="mean")
+    symmetric = train_config(tmp_path, backbones["llama"], retrieval_dev_rows=8)
+    with pytest.raises(ValueError, match="no training source is a retrieval source"):
+        split_retrieval_dev(load_datasets(symmetric), symmetric)

@@ -29,7 +29,7 @@ from spt_embed.recipe import (
     world_size,
 )
 from spt_embed.training.run_log import JsonlLogCallback, UmaskCheckpoints, plot_log
-from spt_embed.training.train_config import TRAIN_CONFIG_NAME, GradedLoss, Method, TrainConfig
+from spt_embed.training.train_config import TRAIN_CONFIG_NAME, GradedLoss, Method, SelectOn, TrainConfig
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback
@@ -92,7 +92,9 @@ def build_loss(model, config: TrainConfig, dataset=None):
     return MultipleNegativesRankingLoss(model, **common)
 
 
-def build_dev_evaluator(config: TrainConfig):
+def build_dev_evaluator(config: TrainConfig, retrieval_dev: dict | None = None):
+    """STS-B dev; with held-out retrieval rows (`split_retrieval_dev`) also one retrieval evaluation per source,
+    together in a SequentialEvaluator whose `sequential_score` is what `config.select_on` selects on."""
     from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
 
     from spt_embed.datafiles import load_sts
@@ -102,10 +104,68 @@ def build_dev_evaluator(config: TrainConfig):
         # A seeded random sample: the file is sorted by genre, so its head is all easy captions.
         keep = sorted(random.Random(config.seed).sample(range(len(s1)), config.eval_pairs))
         s1, s2, scores = [s1[i] for i in keep], [s2[i] for i in keep], [scores[i] for i in keep]
-    return EmbeddingSimilarityEvaluator(s1, s2, scores, name="stsb-dev", batch_size=64, write_csv=False)
+    sts = EmbeddingSimilarityEvaluator(s1, s2, scores, name="stsb-dev", batch_size=64, write_csv=False)
+    if not retrieval_dev:
+        return sts
+    from sentence_transformers.sentence_transformer.evaluation import SequentialEvaluator
+
+    evaluators = [sts, *(retrieval_evaluator(name, rows) for name, rows in retrieval_dev.items())]
+
+    def selected(values: list[float]) -> float:  # values: STS-B dev Spearman, then each retrieval set's nDCG@10
+        retrieval = sum(values[1:]) / len(values[1:])
+        return {SelectOn.STS: values[0], SelectOn.RETRIEVAL: retrieval}.get(config.select_on, (values[0] + retrieval) / 2)
+
+    return SequentialEvaluator(evaluators, main_score_function=selected)
+
+
+def retrieval_evaluator(name: str, rows):
+    """nDCG@10 (and the rest of sentence-transformers' retrieval metrics) of held-out rows of a retrieval source: each
+    query (encode_query) against all their passages and negatives (encode_document); its own passage is relevant."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    corpus: dict[str, str] = {}
+    ids: dict[str, str] = {}  # text -> corpus id: a text that is two rows' passage is one document
+    for text in [*rows["positive"], *(rows["negative"] if "negative" in rows.column_names else [])]:
+        if text not in ids:
+            ids[text] = f"d{len(ids)}"
+            corpus[ids[text]] = text
+    queries = {f"q{i}": query for i, query in enumerate(rows["anchor"])}
+    relevant = {f"q{i}": {ids[passage]} for i, passage in enumerate(rows["positive"])}
+    return InformationRetrievalEvaluator(
+        queries, corpus, relevant, name=f"{name}-dev", batch_size=32, write_csv=False, ndcg_at_k=[10],
+        mrr_at_k=[10], accuracy_at_k=[1, 10], precision_recall_at_k=[10], map_at_k=[10],
+    )
+
+
+def split_retrieval_dev(dataset, config: TrainConfig):
+    """(training data, held-out rows by source name): `retrieval_dev_rows` seeded rows of every retrieval source
+    (router_mapping's) come out of its training data, for `retrieval_evaluator`. Without them: (dataset, {})."""
+    if not config.retrieval_dev_rows:
+        return dataset, {}
+    retrieval = retrieval_sources(config)
+    if not retrieval:
+        raise ValueError(
+            "retrieval_dev_rows is set but no training source is a retrieval source (a retrieval preset such as "
+            "squad-qa, or a file named in retrieval_data)."
+        )
+    single = not isinstance(dataset, dict)
+    parts = {next(iter(source_names(config.data))): dataset} if single else dict(dataset)
+    held_out = {}
+    for name in retrieval:
+        rows = len(parts[name])
+        if rows < config.retrieval_dev_rows + config.batch_size:
+            raise ValueError(
+                f"Training source {source_names(config.data)[name]} has {rows} rows: too few to hold out "
+                f"retrieval_dev_rows={config.retrieval_dev_rows} and keep a batch of {config.batch_size}."
+            )
+        split = parts[name].train_test_split(test_size=config.retrieval_dev_rows, seed=config.seed, shuffle=True)
+        parts[name], held_out[name] = split["train"], split["test"]
+        logger.info("Retrieval dev set %s-dev: %d held-out rows of %s", name, len(split["test"]), name)
+    return (next(iter(parts.values())) if single else parts), held_out
 
 
 DEV_METRIC = "eval_stsb-dev_spearman_cosine"
+SELECTED_METRIC = "eval_sequential_score"  # with retrieval dev sets: what config.select_on selects on
 
 
 def load_datasets(config: TrainConfig):
@@ -152,19 +212,24 @@ def router_mapping(config: TrainConfig) -> dict[str, dict[str, str]] | dict[str,
     """sentence-transformers' `router_mapping`: the task each column of a retrieval source is preprocessed under
     (anchor: query; positive, negative: document), so that it goes through the task's soft prompt and length;
     symmetric sources get no task (the default prompt). Per dataset when there are several sources."""
-    from spt_embed.training.data import PRESETS
-
     columns = {"anchor": QUERY, "positive": DOCUMENT, "negative": DOCUMENT}
-    retrieval = [
-        name
-        for name, source in source_names(config.data).items()
-        if source in config.retrieval_data or (source in PRESETS and PRESETS[source].retrieval)
-    ]
+    retrieval = retrieval_sources(config)
     if not retrieval:
         return {}
     if len(config.data) == 1:
         return columns
     return {name: columns for name in retrieval}
+
+
+def retrieval_sources(config: TrainConfig) -> list[str]:
+    """Dataset names of the query -> passage sources: retrieval presets and the files named in retrieval_data."""
+    from spt_embed.training.data import PRESETS
+
+    return [
+        name
+        for name, source in source_names(config.data).items()
+        if source in config.retrieval_data or (source in PRESETS and PRESETS[source].retrieval)
+    ]
 
 
 def _check_one_batch(dataset, source: str, config: TrainConfig) -> None:
@@ -304,10 +369,10 @@ def train(
         resume_anyway=resume_anyway,
     )
     checkpoint = run.checkpoint
-    dataset = load_datasets(config)
+    dataset, retrieval_dev = split_retrieval_dev(load_datasets(config), config)
     model = build_model(config)
     evaluating = config.eval_steps > 0
-    evaluator = build_dev_evaluator(config) if evaluating else None
+    evaluator = build_dev_evaluator(config, retrieval_dev) if evaluating else None
     if is_main_process():
         start_run_folder(output, config, run, log=output / LOG_NAME)
     cuda = _cuda()
@@ -319,7 +384,7 @@ def train(
         eval_strategy="steps" if evaluating else "no",
         eval_steps=config.eval_steps or None,
         load_best_model_at_end=evaluating,
-        metric_for_best_model=DEV_METRIC if evaluating else None,
+        metric_for_best_model=(SELECTED_METRIC if retrieval_dev else DEV_METRIC) if evaluating else None,
         greater_is_better=True,
         # Retrieval sources: queries through the `query` soft prompt, passages through `document`.
         router_mapping=router_mapping(config),
@@ -357,7 +422,8 @@ def train(
             "Saved the %s to %s%s",
             "LoRA baseline (merged)" if config.method is Method.LORA else "adapter",
             output,
-            f" (best STS-B dev Spearman {best:.4f})" if best is not None else "",
+            (f" (best {'STS-B dev Spearman' if not retrieval_dev else 'selection score, ' + config.select_on.value}"
+             f" {best:.4f})") if best is not None else "",
         )
     return model
 

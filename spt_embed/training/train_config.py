@@ -20,6 +20,14 @@ class GradedLoss(str, enum.Enum):
     ANGLE = "angle"  # AnglE (AnglELoss): the same ranking on angle differences in complex space
 
 
+class SelectOn(str, enum.Enum):
+    """What picks the best checkpoint among the dev evaluations."""
+
+    STS = "sts"  # STS-B dev Spearman
+    RETRIEVAL = "retrieval"  # the mean nDCG@10 of the retrieval dev sets (held-out rows of retrieval sources)
+    MEAN = "mean"  # the mean of both
+
+
 class Method(str, enum.Enum):
     SUFFIX = "suffix"  # suffix prompt tuning: K soft tokens after the text, on the frozen backbone
     DEEP_SUFFIX = "deep-suffix"  # the K soft tokens plus a trained offset to their states after every layer
@@ -133,6 +141,20 @@ class TrainConfig(RecipeConfig):
     )
     eval_steps: int = field(default=50, metadata={"help": "Evaluate on STS-B dev every N steps (0: never)."})
     eval_pairs: int = field(default=0, metadata={"help": "Random STS-B dev pairs to evaluate on (0: all 1500)."})
+    retrieval_dev_rows: int = field(
+        default=0,
+        metadata={
+            "help": "Rows held out of every retrieval source (seeded, never trained on) for a retrieval dev set: "
+            "their queries against their passages and negatives, nDCG@10, evaluated with STS-B dev. 0: none."
+        },
+    )
+    select_on: SelectOn = field(
+        default=SelectOn.STS,
+        metadata={
+            "help": "What selects the best checkpoint: sts (STS-B dev), retrieval (mean nDCG@10 of the retrieval "
+            "dev sets) or mean (of both)."
+        },
+    )
     save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (the best is always kept)."})
     logging_steps: int = field(default=5, metadata={"help": "Log the loss every N steps."})
@@ -184,6 +206,12 @@ class TrainConfig(RecipeConfig):
         if self.document_max_length is not None and self.document_max_length <= self.num_tokens:
             raise ValueError(
                 f"document_max_length must exceed the {self.num_tokens} soft tokens, got {self.document_max_length}."
+            )
+        if self.retrieval_dev_rows < 0:
+            raise ValueError(f"retrieval_dev_rows must be >= 0, got {self.retrieval_dev_rows}.")
+        if self.select_on is not SelectOn.STS and not self.retrieval_dev_rows:
+            raise ValueError(
+                f"select_on={self.select_on.value!r} needs a retrieval dev set: set retrieval_dev_rows (e.g. 200)."
             )
         if self.prompt == "":
             raise ValueError("prompt is empty; give the template text (e.g. 'This sentence : \"') or leave it unset.")
