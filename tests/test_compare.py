@@ -53,6 +53,8 @@ def test_compare_trains_evaluates_dev_and_reports(tmp_path, backbones, monkeypat
         assert [step for step, _, _ in row["dev_curve"]] == [2, 4]
         assert all(minutes >= 0 for _, minutes, _ in row["dev_curve"])
         assert set(row["scores"]) == {"STSBenchmark"}
+        assert row["trained_params"] == 4 * 32  # K soft tokens x hidden size of the tiny backbone
+        assert row["peak_rss_gb"] > 0 and row["encode_texts_per_s"] > 0
         result = json.loads((tmp_path / "runs" / f"{row['name']}.eval-validation" / "STSBenchmark.json").read_text())
         assert set(result["scores"]) == {"validation"}  # selection sweeps never touch test
     assert (tmp_path / "results" / "cmp.png").stat().st_size > 0

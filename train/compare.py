@@ -45,13 +45,37 @@ logger = logging.getLogger("compare")
 DEV_KEY = "eval_stsb-dev_spearman_cosine"
 
 
+ENCODE_TEXTS = 256  # STS-B dev sentences timed by encode_speed (timing only: nothing is scored or selected on them)
+
+
+def peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far (VmHWM), in MB; None where /proc is not there."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 class Budget(TrainerCallback):
-    """Stops training once the time spent inside optimiser steps reaches `minutes`."""
+    """Stops training once the time spent inside optimiser steps reaches `minutes`; also notes the trained
+    parameters (counted when training starts, before LoRA is merged) and the process's peak memory."""
 
     def __init__(self, minutes: float, seconds_before: float = 0.0):
         self.limit = minutes * 60
         self.seconds = seconds_before
         self.hit = False
+        self.trained_params: int | None = None
+        self.peak_rss_mb: float | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.trained_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.peak_rss_mb = peak_rss_mb()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._start = time.monotonic()
@@ -77,8 +101,32 @@ def train_run(run: dict, spec: dict, out: Path) -> None:
     logger.info("%s: training (%s)", run["name"], "resuming" if resume else "from scratch")
     # A run killed before its first checkpoint left a folder of ours with nothing to resume: start it again.
     spt_embed.train(config, resume=resume, overwrite=out.exists() and not resume, callbacks=[budget])
-    (out / "budget.json").write_text(json.dumps({"budget_minutes": spec["budget_minutes"], "stopped_by_budget":
-                                                 budget.hit, "training_seconds": round(budget.seconds, 1)}) + "\n")
+    record = {"budget_minutes": spec["budget_minutes"], "stopped_by_budget": budget.hit,
+              "training_seconds": round(budget.seconds, 1), "trained_params": budget.trained_params,
+              "peak_rss_mb": round(budget.peak_rss_mb) if budget.peak_rss_mb else None}
+    (out / "budget.json").write_text(json.dumps(record) + "\n")
+
+
+def encode_speed(out: Path, spec: dict) -> None:
+    """Texts per second of the trained encoder as `spt-embed eval` loads it (eval_dtype), on the first ENCODE_TEXTS
+    STS-B dev sentences in batches of 32 after one warm-up batch; kept in the run's evaluation folder."""
+    path = eval_dir(out, spec) / "encode_speed.json"
+    if path.is_file():
+        return
+    from spt_embed.datafiles import load_sts
+    from spt_embed.evaluation.evaluate import load_model, resolve_model
+    from spt_embed.model.dtypes import resolve_dtype
+
+    texts = load_sts("dev")[0][:ENCODE_TEXTS]
+    dtype = str(resolve_dtype(spec.get("eval_dtype", "float32"))).removeprefix("torch.")
+    model = load_model(resolve_model(str(out)), dtype=dtype)
+    model.encode(texts[:32], batch_size=32)  # warm-up
+    start = time.perf_counter()
+    model.encode(texts, batch_size=32)
+    seconds = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"texts": len(texts), "seconds": round(seconds, 2), "dtype": dtype,
+                                "texts_per_s": round(len(texts) / seconds, 1)}) + "\n")
 
 
 def eval_dir(out: Path, spec: dict) -> Path:
@@ -103,6 +151,8 @@ def summarise(run: dict, spec: dict, out: Path) -> dict:
     steps = max((r["step"] for r in records if "loss" in r), default=0)
     total = max(minutes.values(), default=0.0)
     budget = json.loads((out / "budget.json").read_text()) if (out / "budget.json").is_file() else {}
+    speed_path = eval_dir(out, spec) / "encode_speed.json"
+    speed = json.loads(speed_path.read_text()) if speed_path.is_file() else {}
     scores = {}
     for task in spec["eval_tasks"]:
         path = eval_dir(out, spec) / f"{task}.json"
@@ -112,7 +162,9 @@ def summarise(run: dict, spec: dict, out: Path) -> dict:
         "name": run["name"], "config": run["config"], "overrides": run.get("overrides", {}),
         "steps": steps, "training_minutes": round(total, 1),
         "seconds_per_step": round(60 * total / steps, 2) if steps else None,
-        "stopped_by_budget": budget.get("stopped_by_budget"), "dev_curve": dev,
+        "stopped_by_budget": budget.get("stopped_by_budget"), "trained_params": budget.get("trained_params"),
+        "peak_rss_gb": round(budget["peak_rss_mb"] / 1024, 2) if budget.get("peak_rss_mb") else None,
+        "encode_texts_per_s": speed.get("texts_per_s"), "dev_curve": dev,
         "best_dev": max((d for _, _, d in dev), default=None), "splits": spec.get("eval_splits") or "each task's own",
         "scores": scores,
         "average": round(sum(scores.values()) / len(scores), 2) if len(scores) == len(spec["eval_tasks"]) else None,
@@ -148,11 +200,17 @@ def write_report(rows: list[dict], spec: dict) -> None:
     tasks = spec["eval_tasks"]
     split = f" ({'/'.join(spec['eval_splits'])})" if spec.get("eval_splits") else ""
     lines = ["| run | steps | training min | s/step | best STS-B dev during training | "
-             + " | ".join(task + split for task in tasks) + " | average |",
-             "|---|---:|---:|---:|---:|" + "---:|" * len(tasks) + "---:|"]
+             + " | ".join(task + split for task in tasks)
+             + " | average | trained params | peak RSS GB (training) | encode texts/s |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|"]
+
+    def cell(value):
+        return "–" if value is None else f"{value:,}" if isinstance(value, int) else value
+
     for row in rows:
         cells = [row["name"], row["steps"], row["training_minutes"], row["seconds_per_step"], row["best_dev"],
-                 *(row["scores"].get(task, "–") for task in tasks), row["average"] if row["average"] is not None else "–"]
+                 *(row["scores"].get(task, "–") for task in tasks), cell(row["average"]),
+                 cell(row.get("trained_params")), cell(row.get("peak_rss_gb")), cell(row.get("encode_texts_per_s"))]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     write_text(base.with_suffix(".md"), "\n".join(lines) + "\n")
     plot_curves(rows, base.with_suffix(".png"), spec["budget_minutes"])
@@ -201,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             train_run(run, spec, out)
         evaluate(str(out), spec["eval_tasks"], eval_dir(out, spec), dtype=spec.get("eval_dtype", "float32"),
                  eval_splits=spec.get("eval_splits"))
+        encode_speed(out, spec)
     write_report(collect_rows(spec), spec)
     return 0
 
