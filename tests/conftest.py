@@ -128,3 +128,13 @@ def umask(request):
         yield request.param
     finally:
         os.umask(previous)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped (with the reason shown) where there is none, as on CI."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here); `make gpu-check` runs the GPU checks")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -59,7 +59,8 @@ def memory_mb(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int, texts: str, pack_tokens: int) -> dict:
+def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int, texts: str, pack_tokens: int,
+          device: str = "cpu", backbone: str = "smollm2-135m") -> dict:
     import torch
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
@@ -69,26 +70,29 @@ def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int, te
     if mode == "prefix":
         from spt_embed.model.baselines import prefix_baseline_encoder
 
-        model = prefix_baseline_encoder("smollm2-135m", num_tokens=num_tokens, init_text='" means in one word:"')
+        model = prefix_baseline_encoder(backbone, num_tokens=num_tokens, init_text='" means in one word:"',
+                                        device=device)
         module = model[0]
     else:
         model = spt_embed.SuffixPromptEncoder.from_backbone(
-            "smollm2-135m",
+            backbone,
             num_tokens=num_tokens,
             method="deep-suffix" if mode == "deep-suffix" else "suffix",
             placement="prefix" if mode == "prompt" else "suffix",
-            device="cpu",
+            device=device,
         )
         module = model.prompt_module
         module.pack_tokens = pack_tokens
-    features = [module.preprocess(rows[column]) for column in KINDS[kind]]
+    features = [
+        {key: value.to(device) for key, value in module.preprocess(rows[column]).items()} for column in KINDS[kind]
+    ]
     loss_fn = MultipleNegativesRankingLoss(model, scale=20.0)
     if mode == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 
         module.soft_prompt.requires_grad_(False)
         lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-        module.backbone = inject_adapter_in_model(lora, module.backbone)
+        module.backbone = inject_adapter_in_model(lora, module.backbone).to(device)
         module.forward_path = spt_embed.ForwardPath.FULL
     elif mode in ("full", "fast"):
         module.forward_path = spt_embed.ForwardPath(mode)
@@ -108,24 +112,36 @@ def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int, te
         loss.backward()
         optimizer.step()
 
+    cuda = device.startswith("cuda")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     rss_before = memory_mb("VmRSS")
     step()  # warm-up
+    if cuda:  # on a GPU the step's memory is the device's: allocated bytes, peak reset after the warm-up
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_before = torch.cuda.memory_allocated() / 2**20
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         step()
+        if cuda:
+            torch.cuda.synchronize()  # kernels run asynchronously: time them to the end
         times.append(time.perf_counter() - start)
     lengths = [int(f["attention_mask"].sum()) for f in features]
     padded = [f["attention_mask"].numel() for f in features]
+    if cuda:
+        peak, before = torch.cuda.max_memory_allocated() / 2**20, cuda_before
+    else:
+        peak, before = memory_mb("VmHWM"), rss_before
     return {
         "mode": mode,
         "kind": kind,
+        "device": device,
         "median_s": statistics.median(times),
         "steps_s": times,
-        "peak_rss_mb": memory_mb("VmHWM"),
-        "rss_before_steps_mb": rss_before,
-        "step_mem_mb": memory_mb("VmHWM") - rss_before,
+        "peak_rss_mb": peak,  # on CUDA: the device's peak allocated memory
+        "rss_before_steps_mb": before,
+        "step_mem_mb": peak - before,
         "trainable_params": sum(p.numel() for p in params),
         "text_tokens": sum(lengths),
         "padded_text_tokens": sum(padded),
@@ -166,11 +182,15 @@ def main() -> None:
     parser.add_argument("--pack-tokens", type=int, default=None, help="tokens per packed row in the fast path's text "
                         "pass (default: the module's)")
     parser.add_argument("--texts", default="snli", choices=["snli", "wiki"], help="short SNLI or long wiki texts")
-    parser.add_argument("--output", default=None, help="default: train/results/bench_step[_wiki].json")
+    parser.add_argument("--output", default=None, help="default: train/results/bench_step[_wiki][_cuda].json")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: on CUDA the memory columns are the "
+                        "device's allocated memory (torch.cuda.max_memory_allocated)")
+    parser.add_argument("--backbone", default="smollm2-135m", help="backbone spec (default: the bundled SmolLM2)")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "KIND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        result = child(*args.child, args.batch_size, args.steps, args.num_tokens, args.texts, args.pack_tokens)
+        result = child(*args.child, args.batch_size, args.steps, args.num_tokens, args.texts, args.pack_tokens,
+                       args.device, args.backbone)
         print("RESULT " + json.dumps(result))
         return
 
@@ -183,9 +203,11 @@ def main() -> None:
     args.pack_tokens = args.pack_tokens or SuffixPromptModule.DEFAULT_PACK_TOKENS
     suffix = "" if args.texts == "snli" else f"_{args.texts}"
     suffix += "" if args.pack_tokens == SuffixPromptModule.DEFAULT_PACK_TOKENS else f"_pack{args.pack_tokens}"
+    suffix += "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
     args.output = args.output or f"train/results/bench_step{suffix}.json"
     common = ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--num-tokens", str(args.num_tokens),
-              "--texts", args.texts, "--pack-tokens", str(args.pack_tokens)]
+              "--texts", args.texts, "--pack-tokens", str(args.pack_tokens), "--device", args.device,
+              "--backbone", args.backbone]
     runs: dict[tuple[str, str], list[dict]] = {(kind, mode): [] for kind in args.kinds for mode in args.modes}
     for round_ in range(args.rounds):
         for kind, mode in runs:
@@ -233,7 +255,9 @@ def main() -> None:
             ratios[kind]["deep_suffix_meets_target"] = ratios[kind]["deep_suffix_over_forward"] <= 1.3
     report = {
         "command": "python train/bench_step.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+                    "device": args.device,
+                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
         "batch_size": args.batch_size,
         "texts": args.texts,
         "pack_tokens": args.pack_tokens,

@@ -392,6 +392,7 @@ def train(
         multi_dataset_batch_sampler=MultiDatasetBatchSamplers.PROPORTIONAL,
         dataloader_drop_last=True,
         use_cpu=not cuda,
+        bf16=config.bf16,
         ddp_backend=None if cuda else ("gloo" if world_size() > 1 else None),
         ddp_find_unused_parameters=False,
     )

@@ -157,6 +157,13 @@ class TrainConfig(RecipeConfig):
     )
     save_steps: int = field(default=50, metadata={"help": "Checkpoint every N steps."})
     save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (the best is always kept)."})
+    bf16: bool = field(
+        default=False,
+        metadata={
+            "help": "Mixed precision: bfloat16 autocast around the frozen backbone's matrix products, the trained "
+            "parameters kept in float32 (on a GPU; a CPU without native bfloat16 emulates it, slower)."
+        },
+    )
     logging_steps: int = field(default=5, metadata={"help": "Log the loss every N steps."})
     seed: int = field(default=42, metadata={"help": "Seed for init, data order and everything else."})
 

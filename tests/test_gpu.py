@@ -1,0 +1,77 @@
+"""What must hold on CUDA (tests marked `gpu`, skipped without a GPU), and a CPU smoke run of eval/gpu_check.py, the
+script that runs the GPU checks on the real backbone the day a GPU is lent."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spt_embed import ForwardPath, SuffixPromptEncoder
+
+from .conftest import SENTENCES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "eval" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["suffix", "deep-suffix"])
+def test_fast_path_equals_full_on_cuda(backbones, method):
+    model = SuffixPromptEncoder.from_backbone(backbones["llama"], num_tokens=4, method=method, device="cuda")
+    module = model.prompt_module
+    assert module.soft_prompt.device.type == "cuda"
+    grads, losses = {}, {}
+    for path in (ForwardPath.FULL, ForwardPath.FAST):
+        module.zero_grad()
+        module.forward_path = path
+        features = {k: v.to("cuda") for k, v in module.preprocess(SENTENCES).items()}
+        embedding = F.normalize(module(features)["sentence_embedding"], dim=-1)
+        loss = F.cross_entropy(embedding @ embedding.T.flip(0) / 0.05, torch.arange(len(SENTENCES), device="cuda"))
+        loss.backward()
+        losses[path], grads[path] = loss.item(), module.soft_prompt.grad.clone()
+    assert losses[ForwardPath.FAST] == pytest.approx(losses[ForwardPath.FULL], abs=1e-5)
+    error = (grads[ForwardPath.FAST] - grads[ForwardPath.FULL]).norm() / grads[ForwardPath.FULL].norm()
+    assert error.item() <= 1e-4
+
+
+@pytest.mark.gpu
+def test_cuda_encodes_as_the_cpu_does(backbones):
+    cpu = SuffixPromptEncoder.from_backbone(backbones["llama"], num_tokens=4, device="cpu")
+    gpu = SuffixPromptEncoder.from_backbone(backbones["llama"], num_tokens=4, device="cuda")
+    assert torch.allclose(gpu.encode(SENTENCES, convert_to_tensor=True).cpu(),
+                          cpu.encode(SENTENCES, convert_to_tensor=True), atol=1e-4)
+
+
+def test_gpu_check_smoke_on_cpu(backbones, tmp_path, capsys):
+    """The script's sections run end to end (on the CPU, a tiny backbone, 3 steps) and write one JSON file."""
+    gpu_check = load_gpu_check()
+    out = tmp_path / "gpu_check.json"
+    code = gpu_check.main(["--device", "cpu", "--backbone", str(backbones["llama"]), "--steps", "3",
+                           "--skip", "bench_step", "--output", str(out)])
+    report = json.loads(out.read_text())
+    assert set(report) >= {"environment", "fast_vs_full", "train", "encode", "ok"}
+    assert report["fast_vs_full"]["suffix/float32"]["ok"], report["fast_vs_full"]
+    assert report["fast_vs_full"]["deep-suffix/float32"]["ok"], report["fast_vs_full"]
+    assert report["train"]["steps"] == 3 and report["train"]["seconds_per_step"] > 0
+    assert report["encode"]["float32"]["texts_per_s"] > 0
+    assert code == (0 if report["ok"] else 1)
+
+
+def test_gpu_check_stops_without_cuda(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    gpu_check = load_gpu_check()
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--device", "cuda", "--output", str(out)]) == 1
+    report = json.loads(out.read_text())
+    assert report["environment"]["ok"] is False and "train" not in report
