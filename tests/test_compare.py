@@ -3,14 +3,13 @@ runs are reused, and the table, results file and learning-curve plot come out; a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import yaml
 
+from tests.conftest import load_script
 from tests.test_eval import write_toy_data
 from tests.test_train import toy_pairs
 
@@ -18,11 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_compare():
-    spec = importlib.util.spec_from_file_location("compare", REPO / "train" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["compare"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train/compare.py", "compare")
 
 
 def write_spec(tmp_path: Path, backbone: Path, budget: float = 60) -> Path:

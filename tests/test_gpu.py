@@ -1,10 +1,7 @@
 """What must hold on CUDA (tests marked `gpu`, skipped without a GPU), and a CPU smoke run of eval/gpu_check.py, the
 script that runs the GPU checks on the real backbone the day a GPU is lent."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,17 +9,11 @@ import torch.nn.functional as F
 
 from spt_embed import ForwardPath, SuffixPromptEncoder
 
-from .conftest import SENTENCES
-
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import SENTENCES, load_script
 
 
 def load_gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "eval" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eval/gpu_check.py", "gpu_check")
 
 
 @pytest.mark.gpu
