@@ -68,6 +68,30 @@ def tsv_rows(path: Path, *, min_fields: int, header: bool, encoding: str = "utf-
         yield number, fields
 
 
+def read_jsonl_fields(path: Path, keys: tuple[str, ...]) -> list[dict[str, str]]:
+    """The `keys` of every object of a JSON-lines file (a BEIR corpus or queries file), in file order; blank lines
+    skipped. A line that is not JSON, lacks a key or holds a non-string value is an error naming the file and line."""
+    import json
+
+    rows = []
+    for number, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{path}:{number}: not valid JSON ({exc}).") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}.")
+        missing = [key for key in keys if key not in row]
+        if missing:
+            raise ValueError(f"{path}:{number}: fields {missing} missing (found {sorted(row)}).")
+        if not all(isinstance(row[key], str) for key in keys):
+            raise ValueError(f"{path}:{number}: fields {list(keys)} must be strings.")
+        rows.append({key: row[key] for key in keys})
+    return rows
+
+
 def parse_score(text: str, path: Path, number: int) -> float:
     """A gold score field as a float; an error naming the file and line otherwise."""
     try:

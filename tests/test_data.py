@@ -580,3 +580,22 @@ def test_data_root_default_and_override(tmp_path, monkeypatch):
         data_root()
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_pairs("snli-triplets")
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        ('{"_id": "1", "text": "a"}\n{"_id": 2, "text": "b"}\n', r"x\.jsonl:2: fields \['_id', 'text'\] must be strings"),
+        ('{"_id": "1"}\n', r"x\.jsonl:1: fields \['text'\] missing"),
+        ('{"_id": "1", "text": \n', r"x\.jsonl:1: not valid JSON"),
+        ('["_id"]\n', r"x\.jsonl:1: expected a JSON object"),
+    ],
+)
+def test_beir_jsonl_reader_names_the_bad_line(tmp_path, content, error):
+    from spt_embed.datafiles import read_jsonl_fields
+
+    path = tmp_path / "x.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=error):
+        read_jsonl_fields(path, ("_id", "text"))
+    assert path.read_text(encoding="utf-8") == content  # nothing written

@@ -39,7 +39,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,7 +47,7 @@ from typing import Any
 import mteb
 from datasets import Dataset
 
-from spt_embed.datafiles import data_file, read_stsb, tsv_rows
+from spt_embed.datafiles import data_file, read_jsonl_fields, read_stsb, tsv_rows
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +155,8 @@ class SciFact(_LocalTask, _builtin("SciFact")):
         if self.data_loaded:
             return
         self._start_reading()
-        corpus = _read_jsonl(self._read("beir_scifact/corpus.jsonl"), ("_id", "title", "text"))
-        queries = _read_jsonl(self._read("beir_scifact/queries.jsonl"), ("_id", "text"))
+        corpus = read_jsonl_fields(self._read("beir_scifact/corpus.jsonl"), ("_id", "title", "text"))
+        queries = read_jsonl_fields(self._read("beir_scifact/queries.jsonl"), ("_id", "text"))
         self.dataset = {"default": {}}
         for split in self.eval_splits:
             qrels = _read_qrels(self._read(f"beir_scifact/qrels/{split}.tsv"))
@@ -205,23 +204,6 @@ class Banking77Classification(_LocalTask, _builtin("Banking77Classification")):
 
 def _texts(rows: list[dict[str, str]]) -> list[str]:
     return [row["text"] for row in rows]
-
-
-def _read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict[str, str]]:
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc}).") from None
-            missing = [key for key in keys if key not in row]
-            if missing:
-                raise ValueError(f"{path}:{number}: fields {missing} missing (found {sorted(row)}).")
-            rows.append({key: str(row[key]) for key in keys})
-    return rows
 
 
 def _read_qrels(path: Path) -> dict[str, dict[str, int]]:

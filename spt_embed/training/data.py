@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from spt_embed.datafiles import data_file, parse_score, read_lines, read_stsb, tsv_rows
+from spt_embed.datafiles import data_file, parse_score, read_jsonl_fields, read_lines, read_stsb, tsv_rows
 from spt_embed.training.columns import COLUMN_HINT, ROLES, refuse_labels, resolve_columns
 
 if TYPE_CHECKING:
@@ -232,24 +232,6 @@ def _beir_file(qrels: Path, name: str) -> Path:
     return path
 
 
-def _read_beir_jsonl(path: Path, fields: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    """_id -> the `fields` of each object of a BEIR queries/corpus JSON-lines file."""
-    found: dict[str, tuple[str, ...]] = {}
-    for number, line in enumerate(read_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            values = tuple(row[key] for key in ("_id", *fields))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}:{number}: not a BEIR object with _id and {list(fields)} ({exc!r}); the bundled "
-                             f"file is damaged.") from None
-        if not all(isinstance(value, str) for value in values):
-            raise ValueError(f"{path}:{number}: _id and {list(fields)} must be strings; the bundled file is damaged.")
-        found[values[0]] = values[1:]
-    return found
-
-
 def _read_scifact_train(path: Path) -> datasets.Dataset:
     """SciFact TRAIN claims -> relevant abstract (title + " " + text) from BEIR's qrels/train.tsv, queries.jsonl and
     corpus.jsonl; the test qrels are never read. One row per claim: its first relevant document in qrels order.
@@ -263,8 +245,9 @@ def _read_scifact_train(path: Path) -> datasets.Dataset:
     for number, fields_ in tsv_rows(path, min_fields=3, header=True):
         if parse_score(fields_[2], path, number) > 0:
             first_doc.setdefault(fields_[0], fields_[1])
-    queries = {key: value[0] for key, value in _read_beir_jsonl(_beir_file(path, "queries.jsonl"), ("text",)).items()}
-    corpus = _read_beir_jsonl(_beir_file(path, "corpus.jsonl"), ("title", "text"))
+    queries = {row["_id"]: row["text"] for row in read_jsonl_fields(_beir_file(path, "queries.jsonl"), ("_id", "text"))}
+    corpus = {row["_id"]: (row["title"], row["text"])
+              for row in read_jsonl_fields(_beir_file(path, "corpus.jsonl"), ("_id", "title", "text"))}
     other_texts = {text for key, text in queries.items() if key not in first_doc}
     anchors, positives = [], []
     used: set[str] = set()
