@@ -105,3 +105,24 @@ def test_reopenable(tmp_path, monkeypatch):
     assert classify("st").reopenable() == str(tmp_path / "st")
     for name in ("smollm2-135m-nli", "all-minilm-l6-v2", "smollm2-135m", "not-there"):
         assert classify(name).reopenable() == name
+
+
+@pytest.mark.parametrize(
+    "adapter, recipe", [("smollm2-135m-nli", "smollm2-nli.yaml"), ("smollm2-135m-nli-deep", "smollm2-nli-deep.yaml")]
+)
+def test_bundled_adapter_was_trained_by_its_recipe(adapter, recipe):
+    """A bundled adapter ships with the resolved options it was trained with; the recipe the README names for it must
+    resolve to the same options (only the output folder may differ), so `spt-embed train --config` reproduces it."""
+    import json
+
+    from spt_embed.training.train_config import TrainConfig
+
+    from spt_embed.model.specs import BUNDLED_ADAPTERS_DIR
+
+    folder = BUNDLED_ADAPTERS_DIR / adapter
+    shipped = json.loads((folder / "train_config.json").read_text())
+    repo = Path(__file__).resolve().parents[1]
+    resolved = TrainConfig.from_sources(repo / "train" / "configs" / recipe, output=shipped["output"]).to_dict()
+    differ = {key: (value, resolved.get(key)) for key, value in shipped.items()
+              if key != "spt_embed_version" and json.dumps(value) != json.dumps(resolved.get(key))}
+    assert not differ, f"{recipe} no longer resolves to what trained {adapter}: {differ}"
