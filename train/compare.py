@@ -148,7 +148,7 @@ def summarise(run: dict, spec: dict, out: Path) -> dict:
     minutes = dict(training_minutes(records))
     dev = [(r["step"], round(minutes.get(r["step"], float("nan")), 2), round(100 * r[DEV_KEY], 2))
            for r in records if DEV_KEY in r]
-    steps = max((r["step"] for r in records if "loss" in r), default=0)
+    steps = max((r["step"] for r in records if "step" in r), default=0)  # the last step, logged or evaluated
     total = max(minutes.values(), default=0.0)
     budget = json.loads((out / "budget.json").read_text()) if (out / "budget.json").is_file() else {}
     speed_path = eval_dir(out, spec) / "encode_speed.json"
