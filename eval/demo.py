@@ -87,6 +87,9 @@ def main() -> None:
         help="weights' dtype for the SciFact encoding (auto: bfloat16 if the CPU has native bf16, else float32)",
     )
     args = parser.parse_args()
+    for flag, value in (("--train-steps", args.train_steps), ("--index-docs", args.index_docs)):
+        if value < 0:
+            parser.error(f"{flag} {value}: give a number of steps/documents >= 0 (0 means all of them)")
     if args.index_dtype == "auto":
         args.index_dtype = "bfloat16" if native_bf16() else "float32"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
