@@ -69,11 +69,17 @@ def add_index_parsers(subparsers) -> None:
         "index-merge",
         help="combine complete shard folders into one index folder",
         description="Check that the shards come from one model and query prompt and form complete sets "
-        "(0/N ... N-1/N per corpus file), report ids found in more than one shard, and build one index.",
+        "(0/N ... N-1/N per corpus file), report ids found in more than one shard, and build one index. IVF types "
+        "(ivfpq, IVF<n>,Flat / PQ / SQ factory strings) are trained once on a sample, built shard by shard and "
+        "merged with their inverted lists on disk (OUTPUT/index.ivfdata, memory-mapped at search time); flat and "
+        "hnsw are built in memory.",
     )
     mer.add_argument("shards", nargs="+", help="shard folders written by `spt-embed index --shard i/N`")
     mer.add_argument("--output", required=True, help="index folder to write")
-    mer.add_argument("--index-type", default=None, help=f"{presets} or a factory string (default: the shards' own)")
+    mer.add_argument(
+        "--index-type", default=None,
+        help=f"{presets} or a factory string (default: the shards' own); IVF types merge on disk",
+    )
     mer.add_argument("--on-duplicate", choices=duplicates, default=OnDuplicate.ERROR.value, help="an id in two shards")
     mer.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
     mer.set_defaults(func=run_index_merge)
@@ -106,7 +112,7 @@ def run_index(args: argparse.Namespace) -> None:
         print(f"shard {meta.shard}: {meta.count} documents in {output}; merge all shards with `spt-embed index-merge`")
     else:
         meta = read_metadata(output)
-        print(f"wrote {output}: {meta.count} documents, {meta.factory}, dimension {meta.dimension}")
+        print(f"wrote {output}: {meta.count} documents, {meta.factory}, dimension {meta.dimension}{_on_disk(meta)}")
 
 
 def run_index_merge(args: argparse.Namespace) -> None:
@@ -114,7 +120,12 @@ def run_index_merge(args: argparse.Namespace) -> None:
 
     index = merge_shards(args.shards, args.output, index_type=args.index_type, on_duplicate=args.on_duplicate,
                          overwrite=args.overwrite)
-    print(f"wrote {args.output}: {len(index)} documents from {len(args.shards)} shard(s), {index.metadata.factory}")
+    print(f"wrote {args.output}: {len(index)} documents from {len(args.shards)} shard(s), {index.metadata.factory}"
+          f"{_on_disk(index.metadata)}")
+
+
+def _on_disk(meta) -> str:
+    return f", inverted lists on disk in {meta.ivfdata} (memory-mapped)" if meta.ivfdata else ""
 
 
 def run_search(args: argparse.Namespace) -> None:

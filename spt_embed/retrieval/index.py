@@ -7,6 +7,7 @@ Documents go through ``model.encode_document`` and queries through ``model.encod
 An index folder holds::
 
     index.faiss      the FAISS index (row i = document ids[i])
+    index.ivfdata    an on-disk IVF index's inverted lists, memory-mapped at search time (spt_embed.retrieval.ondisk)
     ids.json         the document ids, a JSON list of strings
     offsets.npy      byte offset of each document in the corpus (only when the corpus file is recorded)
     index_meta.json  IndexMetadata: model, fingerprint, dimension, count, index type, query prompt, versions
@@ -39,6 +40,7 @@ from spt_embed.retrieval.metadata import (
     read_json,
     read_metadata,
 )
+from spt_embed.retrieval.ondisk import read_faiss_index, write_faiss_index
 
 logger = logging.getLogger(__name__)
 
@@ -186,21 +188,20 @@ class Index:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the index folder atomically: a crash mid-write leaves any previous index at `path` intact."""
-        faiss = import_faiss()
+        return atomic_folder(path, self.write_into, overwrite=overwrite, marker=META_FILE)
 
+    def write_into(self, folder: Path) -> None:
+        """Write the index's files into the existing folder `folder` as they are (`save` publishes it atomically).
+        On-disk inverted lists are copied into it unless they are already its index.ivfdata."""
         self.metadata.count = len(self)
-        self.metadata.faiss_version = faiss.__version__
+        self.metadata.faiss_version = import_faiss().__version__
         self.metadata.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-        def write(folder: Path) -> None:
-            faiss.write_index(self.faiss_index, str(folder / INDEX_FILE))
-            (folder / IDS_FILE).write_text(json.dumps(self.ids, ensure_ascii=False), encoding="utf-8")
-            if self.offsets is not None:
-                np.save(folder / OFFSETS_FILE, np.asarray(self.offsets, dtype=np.int64))
-            meta = json.dumps(asdict(self.metadata), indent=2, ensure_ascii=False)
-            (folder / META_FILE).write_text(meta + "\n", encoding="utf-8")
-
-        return atomic_folder(path, write, overwrite=overwrite, marker=META_FILE)
+        self.metadata.ivfdata = write_faiss_index(self.faiss_index, folder)
+        (folder / IDS_FILE).write_text(json.dumps(self.ids, ensure_ascii=False), encoding="utf-8")
+        if self.offsets is not None:
+            np.save(folder / OFFSETS_FILE, np.asarray(self.offsets, dtype=np.int64))
+        meta = json.dumps(asdict(self.metadata), indent=2, ensure_ascii=False)
+        (folder / META_FILE).write_text(meta + "\n", encoding="utf-8")
 
 
 def load_index(path: str | os.PathLike, *, model=None) -> Index:
@@ -225,9 +226,12 @@ def load_index(path: str | os.PathLike, *, model=None) -> Index:
         except (OSError, ValueError, EOFError) as exc:
             raise ValueError(_damaged(folder / OFFSETS_FILE, exc)) from None
     try:
-        faiss_index = import_faiss().read_index(str(folder / INDEX_FILE))
+        # An on-disk IVF index's lists (metadata.ivfdata) are memory-mapped from this folder, not read.
+        faiss_index = read_faiss_index(folder, metadata.ivfdata)
     except RuntimeError as exc:  # faiss reports a missing, truncated or foreign file as a RuntimeError
         raise ValueError(_damaged(folder / INDEX_FILE, exc)) from None
+    except (OSError, ValueError) as exc:  # the lists file is missing or short, or the metadata names no file
+        raise ValueError(_damaged(folder / metadata.ivfdata, exc)) from None
     return Index(faiss_index, ids, metadata, model=model, offsets=offsets)
 
 

@@ -2,11 +2,16 @@
 
 ``index_corpus`` encodes a corpus file into an index folder (or, with ``shard="i/N"``, into one shard folder).
 ``merge_shards`` (CLI ``index-merge``) checks that the shards come from one model, query prompt and a complete set
-i = 0..N-1, reports ids found in more than one shard, and builds the index part by part.
+i = 0..N-1, reports ids found in more than one shard, and builds the index by its type:
+
+- flat, HNSW (and IVF variants merge_ondisk cannot hold): one in-memory FAISS index, filled part by part and
+  written whole into index.faiss; the merge holds every vector in memory.
+- IVF (the ivfpq preset, IVF<n>,Flat / PQ / SQ factory strings): trained once on a sample read across the shards,
+  each shard added to a copy of the trained index (one shard in memory at a time) and the copies merged with
+  faiss.contrib.ondisk.merge_ondisk into index.ivfdata, memory-mapped at search time (spt_embed.retrieval.ondisk).
 
 Beyond one machine: run the N shard jobs anywhere (a batch scheduler, one job per GPU or node) on the same corpus
-file, copy the shard folders to one machine and merge there. Only the merge needs all embeddings in one place
-(for flat/hnsw it holds them in memory; ivfpq keeps ~64 bytes per document).
+file, copy the shard folders to one machine and merge there.
 """
 
 from __future__ import annotations
@@ -15,17 +20,26 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from spt_embed.atomic import atomic_folder
 from spt_embed.recipe import enum_text, parse_enum
 from spt_embed.retrieval.corpus import CorpusSpec, Shard, iter_documents
 from spt_embed.retrieval.faiss_factory import IndexType, new_faiss_index
-from spt_embed.retrieval.index import Index
-from spt_embed.retrieval.metadata import DEFAULT_BLOCK_SIZE, META_FILE, SHARD_FILE, OnDuplicate, ShardMetadata
+from spt_embed.retrieval.index import Index, load_index
+from spt_embed.retrieval.metadata import (
+    DEFAULT_BLOCK_SIZE,
+    META_FILE,
+    SHARD_FILE,
+    IndexMetadata,
+    OnDuplicate,
+    ShardMetadata,
+)
+from spt_embed.retrieval.ondisk import build_ondisk, can_merge_ondisk
 from spt_embed.retrieval.shards import MAX_REPORTED_DUPLICATES, CorpusChangedError, encode_shard, list_parts
 
 logger = logging.getLogger(__name__)
@@ -41,7 +55,13 @@ def merge_shards(
     model=None,
     seed: int = 0,
 ) -> Index:
-    """One index from complete shard folders (all from one model and query prompt); saved at `output`."""
+    """One index from complete shard folders (all from one model and query prompt); saved at `output`.
+
+    IVF index types get their inverted lists on disk (index.ivfdata, memory-mapped), flat and HNSW are built in
+    memory; see the module docstring. An existing `output` is refused before any work unless `overwrite`.
+    """
+    output = Path(output).expanduser()
+    _check_output(output, overwrite)
     shards = [(Path(folder), ShardMetadata.load(Path(folder))) for folder in shard_dirs]
     if not shards:
         raise ValueError("No shard folders given; pass the folders written by `spt-embed index --shard i/N`.")
@@ -62,7 +82,8 @@ def merge_shards(
             raise ValueError(f"The shards were made for index types {sorted(types)}; choose one with --index-type.")
         index_type = types.pop()
 
-    parts = [part for folder, _ in shards for part in list_parts(folder)]
+    shard_parts = [list_parts(folder) for folder, _ in shards]
+    parts = [part for folder_parts in shard_parts for part in folder_parts]
     masks, ids = _dedupe_parts(parts, parse_enum(OnDuplicate, on_duplicate, "on_duplicate"))
     skipped_empty = sum(meta.skipped_empty for _, meta in shards)
     if not ids:
@@ -70,11 +91,10 @@ def merge_shards(
         raise ValueError(f"The shards hold no documents ({', '.join(str(f) for f, _ in shards)}{empty}).")
     sizes = [int(mask.sum()) for mask in masks]
     rng = np.random.default_rng(seed)
+    dimension = first.dimension
     faiss_index, factory = new_faiss_index(
-        index_type, len(ids), first.dimension, lambda n: _sample(parts, masks, sizes, n, rng)
+        index_type, len(ids), dimension, lambda n: _sample(parts, masks, sizes, n, rng, dimension)
     )
-    for part, mask in zip(tqdm(parts, desc="add to index", unit="part", disable=len(parts) < 2), masks):
-        faiss_index.add(np.ascontiguousarray(np.load(part)["embeddings"][mask]))
     corpora = {json.dumps(meta.corpus, sort_keys=True) for _, meta in shards}
     offsets = None
     if len(corpora) == 1:
@@ -83,10 +103,80 @@ def merge_shards(
     metadata.factory, metadata.skipped_empty = factory, skipped_empty
     if offsets is None:
         metadata.corpus = None  # documents from several files: no single file to show snippets from
-    index = Index(faiss_index, ids, metadata, model=model, offsets=offsets)
-    index.save(output, overwrite=overwrite)
-    logger.info("Wrote %s: %d documents, %s, from %d shard(s).", output, len(index), factory, len(shards))
+    if can_merge_ondisk(faiss_index):
+        starts = np.cumsum([0] + [len(folder_parts) for folder_parts in shard_parts])
+        blocks = [
+            _vectors(parts[start:stop], masks[start:stop], dimension) for start, stop in zip(starts[:-1], starts[1:])
+        ]
+        index = write_ondisk_index(
+            faiss_index, blocks, ids, metadata, output, offsets=offsets, overwrite=overwrite, model=model
+        )
+    else:
+        for vectors in tqdm(_vectors(parts, masks, dimension), total=len(parts), desc="add to index", unit="part",
+                            disable=len(parts) < 2):
+            faiss_index.add(vectors)
+        index = Index(faiss_index, ids, metadata, model=model, offsets=offsets)
+        index.save(output, overwrite=overwrite)
+    where = f", inverted lists on disk in {index.metadata.ivfdata}" if index.metadata.ivfdata else ""
+    logger.info("Wrote %s: %d documents, %s, from %d shard(s)%s.", output, len(index), factory, len(shards), where)
     return index
+
+
+def write_ondisk_index(
+    trained,
+    shards: Sequence[Iterable[np.ndarray]],
+    ids: Sequence[str],
+    metadata: IndexMetadata,
+    output: str | os.PathLike,
+    *,
+    offsets: np.ndarray | None = None,
+    overwrite: bool = False,
+    model=None,
+) -> Index:
+    """Write an index folder at `output` (atomically) whose IVF inverted lists are on disk; returns it, loaded.
+
+    `trained`: an empty, trained IVF FAISS index (e.g. from new_faiss_index) that `can_merge_ondisk`; it receives
+    the merged lists. `shards`: per shard, its blocks of unit-length vectors, rows in the order of `ids`. Each shard
+    becomes a block index and the blocks are merged into `output`/index.ivfdata (spt_embed.retrieval.ondisk.
+    build_ondisk). The returned index maps the published folder's lists.
+    """
+
+    def write(folder: Path) -> None:
+        faiss_index = build_ondisk(trained, shards, folder)
+        Index(faiss_index, ids, metadata, offsets=offsets).write_into(folder)
+
+    atomic_folder(output, write, overwrite=overwrite, marker=META_FILE)
+    return load_index(output, model=model)
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    """Refuse an existing output before any work: without `overwrite`, or when it is not an index folder."""
+    if not output.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{output} exists; nothing was written. Pass --overwrite (Python: overwrite=True) to replace it, or "
+            f"choose another --output."
+        )
+    if not (output / META_FILE).is_file():
+        raise FileExistsError(f"{output} exists and is not an index folder (no {META_FILE}); choose another output.")
+
+
+def _embeddings(part: Path, mask: np.ndarray, dimension: int) -> np.ndarray:
+    """The kept rows of a part, float32 and contiguous; a width other than the shard's dimension is an error."""
+    embeddings = np.load(part)["embeddings"]
+    if embeddings.ndim != 2 or embeddings.shape[1] != dimension:
+        raise ValueError(
+            f"{part} holds embeddings of shape {embeddings.shape}, but its shard folder records dimension "
+            f"{dimension}: the shard is damaged. Rerun its `spt-embed index --shard ...` job with --overwrite."
+        )
+    return np.ascontiguousarray(embeddings[mask], dtype=np.float32)
+
+
+def _vectors(parts: Sequence[Path], masks: Sequence[np.ndarray], dimension: int) -> Iterator[np.ndarray]:
+    """The kept embeddings of `parts`, one part at a time."""
+    for part, mask in zip(parts, masks):
+        yield _embeddings(part, mask, dimension)
 
 
 def _check_complete_sets(shards: list[tuple[Path, ShardMetadata]]) -> None:
@@ -139,15 +229,15 @@ def _dedupe_parts(parts: list[Path], policy: OnDuplicate) -> tuple[list[np.ndarr
     return masks, ids
 
 
-def _sample(parts: list[Path], masks: list[np.ndarray], sizes: list[int], n: int, rng) -> np.ndarray:
-    """n random kept rows across all parts, reading one part at a time."""
+def _sample(parts: list[Path], masks: list[np.ndarray], sizes: list[int], n: int, rng, dimension: int) -> np.ndarray:
+    """n random kept rows across all parts, reading one part at a time and keeping only the chosen rows."""
     total = sum(sizes)
     chosen = np.sort(rng.choice(total, size=n, replace=False))
     rows, start = [], 0
     for part, mask, size in zip(parts, masks, sizes):
         local = chosen[(chosen >= start) & (chosen < start + size)] - start
         if len(local):
-            rows.append(np.load(part)["embeddings"][mask][local])
+            rows.append(_embeddings(part, mask, dimension)[local])
         start += size
     return np.concatenate(rows)
 

@@ -18,6 +18,7 @@ from spt_embed.retrieval.faiss_factory import IndexType
 
 # An index folder (see spt_embed.retrieval.index).
 INDEX_FILE = "index.faiss"
+IVFDATA_FILE = "index.ivfdata"  # on-disk inverted lists of an IVF index (see spt_embed.retrieval.ondisk)
 IDS_FILE = "ids.json"
 OFFSETS_FILE = "offsets.npy"
 META_FILE = "index_meta.json"
@@ -51,6 +52,11 @@ class IndexMetadata:
     backbone_fingerprint: str = field(default="", metadata={"help": "SPT only: the frozen backbone's fingerprint."})
     index_type: str = field(default="flat", metadata={"help": "Preset (flat, hnsw, ivfpq) or factory string asked."})
     factory: str = field(default="Flat", metadata={"help": "The FAISS factory string actually built."})
+    ivfdata: str = field(
+        default="",
+        metadata={"help": "On-disk IVF: the file of this folder holding the inverted lists, memory-mapped at search "
+                          "time; empty when index.faiss holds everything."},
+    )
     query_prompt: str | None = field(default=None, metadata={"help": "Text prepended to every query, never to docs."})
     prompt_routes: dict[str, str] = field(
         default_factory=dict,
