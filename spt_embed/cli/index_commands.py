@@ -12,6 +12,14 @@ from spt_embed.cli.options import MODEL_HELP, add_dtype_argument
 from spt_embed.retrieval.corpus import CorpusFormat
 from spt_embed.retrieval.faiss_factory import IndexType
 from spt_embed.retrieval.metadata import DEFAULT_BLOCK_SIZE, OnDuplicate, ShardMetadata, read_metadata
+from spt_embed.retrieval.precision import DEFAULT_RESCORE_MULTIPLIER, Precision
+
+PRECISION_HELP = (
+    "how document vectors are stored: float32 (4 bytes per dimension, exact), int8 (1 byte, per-dimension ranges "
+    "calibrated on a sample of the corpus) or binary (1 bit, the sign; Hamming search); int8 and binary need "
+    "--index-type flat or hnsw"
+)
+RESCORE_HELP = "int8/binary: fetch k times this many candidates and rescore them with the float query (0: no rescoring)"
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +28,7 @@ def add_index_parsers(subparsers) -> None:
     """Add the three subcommands to the `spt-embed` subparsers; each sets `func` to its run function."""
     presets = ", ".join(t.value for t in IndexType)
     duplicates = [p.value for p in OnDuplicate]
+    precisions = [p.value for p in Precision]
 
     idx = subparsers.add_parser(
         "index",
@@ -35,6 +44,11 @@ def add_index_parsers(subparsers) -> None:
         "--index-type",
         default=IndexType.FLAT.value,
         help=f"preset ({presets}) or a FAISS factory string, e.g. 'IVF1024,PQ64' (default: flat, exact)",
+    )
+    idx.add_argument("--precision", choices=precisions, default=Precision.FLOAT32.value, help=PRECISION_HELP)
+    idx.add_argument(
+        "--rescore-multiplier", type=int, default=DEFAULT_RESCORE_MULTIPLIER,
+        help=f"{RESCORE_HELP}; recorded as the index's search default (default: {DEFAULT_RESCORE_MULTIPLIER})",
     )
     idx.add_argument("--query-prompt", default=None, help="instruction prepended to queries at search time (not docs)")
     idx.add_argument("--format", choices=[f.value for f in CorpusFormat], default=None, help="default: from the suffix")
@@ -59,6 +73,7 @@ def add_index_parsers(subparsers) -> None:
     queries.add_argument("--query", action="append", help="a query text (repeat for several)")
     queries.add_argument("--queries", help="file of queries: one per line (blank lines skipped) or jsonl with text")
     sea.add_argument("--top-k", type=int, default=10, help="hits per query (clamped to the index size)")
+    sea.add_argument("--rescore-multiplier", type=int, default=None, help=f"{RESCORE_HELP} (default: the index's)")
     sea.add_argument("--model", default=None, help=f"{MODEL_HELP} (default: the one recorded in the index)")
     sea.add_argument("--corpus", default=None, help="corpus file for snippets if it moved (default: the recorded one)")
     sea.add_argument("--snippet-chars", type=int, default=100, help="characters of document text shown; 0: none")
@@ -80,6 +95,10 @@ def add_index_parsers(subparsers) -> None:
         "--index-type", default=None,
         help=f"{presets} or a factory string (default: the shards' own); IVF types merge on disk",
     )
+    mer.add_argument(
+        "--precision", choices=precisions, default=None, help=f"{PRECISION_HELP} (default: the shards' own)"
+    )
+    mer.add_argument("--rescore-multiplier", type=int, default=None, help=f"{RESCORE_HELP} (default: the shards' own)")
     mer.add_argument("--on-duplicate", choices=duplicates, default=OnDuplicate.ERROR.value, help="an id in two shards")
     mer.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
     mer.set_defaults(func=run_index_merge)
@@ -93,6 +112,8 @@ def run_index(args: argparse.Namespace) -> None:
         args.corpus,
         args.output,
         index_type=args.index_type,
+        precision=args.precision,
+        rescore_multiplier=args.rescore_multiplier,
         shard=args.shard,
         batch_size=args.batch_size,
         block_size=args.block_size,
@@ -112,20 +133,31 @@ def run_index(args: argparse.Namespace) -> None:
         print(f"shard {meta.shard}: {meta.count} documents in {output}; merge all shards with `spt-embed index-merge`")
     else:
         meta = read_metadata(output)
-        print(f"wrote {output}: {meta.count} documents, {meta.factory}, dimension {meta.dimension}{_on_disk(meta)}")
+        print(f"wrote {output}: {meta.count} documents, {meta.factory}, dimension {meta.dimension}, "
+              f"{_storage(meta.precision, meta.bytes_per_vector, meta.rescore_multiplier)}{_on_disk(meta)}")
 
 
 def run_index_merge(args: argparse.Namespace) -> None:
     from spt_embed.retrieval.indexing import merge_shards
 
-    index = merge_shards(args.shards, args.output, index_type=args.index_type, on_duplicate=args.on_duplicate,
+    index = merge_shards(args.shards, args.output, index_type=args.index_type, precision=args.precision,
+                         rescore_multiplier=args.rescore_multiplier, on_duplicate=args.on_duplicate,
                          overwrite=args.overwrite)
-    print(f"wrote {args.output}: {len(index)} documents from {len(args.shards)} shard(s), {index.metadata.factory}"
+    print(f"wrote {args.output}: {len(index)} documents from {len(args.shards)} shard(s), {index.metadata.factory}, "
+          f"{_storage(index.metadata.precision, index.bytes_per_vector, index.metadata.rescore_multiplier)}"
           f"{_on_disk(index.metadata)}")
 
 
 def _on_disk(meta) -> str:
     return f", inverted lists on disk in {meta.ivfdata} (memory-mapped)" if meta.ivfdata else ""
+
+
+def _storage(precision: str, size: int | None, rescore_multiplier: int) -> str:
+    """'int8, 384 bytes per vector, rescoring 4x candidates': how an index stores and searches its vectors."""
+    text = f"{precision}, {'unknown' if size is None else size} bytes per vector"
+    if precision != Precision.FLOAT32.value:
+        text += f", rescoring {rescore_multiplier}x candidates" if rescore_multiplier else ", no rescoring"
+    return text
 
 
 def run_search(args: argparse.Namespace) -> None:
@@ -144,7 +176,11 @@ def run_search(args: argparse.Namespace) -> None:
             raise ValueError(f"{args.index} records no corpus layout (merged from several files): no snippets.")
         index.metadata.corpus = {**index.metadata.corpus, "path": str(Path(args.corpus).expanduser().resolve())}
     query_ids, texts = _queries(args)
-    results = index.search(texts, k=args.top_k)
+    results = index.search(texts, k=args.top_k, rescore_multiplier=args.rescore_multiplier)
+    if not args.json:
+        multiplier = index.metadata.rescore_multiplier if args.rescore_multiplier is None else args.rescore_multiplier
+        storage = _storage(index.metadata.precision, index.bytes_per_vector, multiplier)
+        print(f"index {args.index}: {len(index)} documents, {index.metadata.factory}, {storage}")
     for query_id, text, hits in zip(query_ids, texts, results):
         snippets = [_snippet(index.document_text(hit.id), args.snippet_chars) for hit in hits]
         if args.json:

@@ -6,11 +6,14 @@ Documents go through ``model.encode_document`` and queries through ``model.encod
 
 An index folder holds::
 
-    index.faiss      the FAISS index (row i = document ids[i])
+    index.faiss      the FAISS index (row i = document ids[i]); a FAISS binary index for binary precision
     index.ivfdata    an on-disk IVF index's inverted lists, memory-mapped at search time (spt_embed.retrieval.ondisk)
     ids.json         the document ids, a JSON list of strings
     offsets.npy      byte offset of each document in the corpus (only when the corpus file is recorded)
-    index_meta.json  IndexMetadata: model, fingerprint, dimension, count, index type, query prompt, versions
+    int8_ranges.npy  int8 precision only: the calibrated per-dimension (min, max), shape (2, dimension)
+    index_meta.json  IndexMetadata: model, fingerprint, dimension, count, index type, precision, query prompt, versions
+
+int8 and binary indexes store compressed vectors and rescore their candidates (spt_embed.retrieval.precision).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 from spt_embed.atomic import atomic_folder, previous_folder
 from spt_embed.model.identity import model_fingerprint, prompt_routes
 from spt_embed.recipe import enum_text
-from spt_embed.retrieval.faiss_factory import IndexType, import_faiss, new_faiss_index
+from spt_embed.retrieval.faiss_factory import IndexType, import_faiss
 from spt_embed.retrieval.metadata import (
     IDS_FILE,
     INDEX_FILE,
@@ -41,6 +44,20 @@ from spt_embed.retrieval.metadata import (
     read_metadata,
 )
 from spt_embed.retrieval.ondisk import read_faiss_index, write_faiss_index
+from spt_embed.retrieval.precision import (
+    DEFAULT_RESCORE_MULTIPLIER,
+    RANGES_FILE,
+    Precision,
+    add_vectors,
+    binary_bits,
+    check_precision,
+    check_rescore_multiplier,
+    code_size,
+    new_index,
+    read_faiss,
+    search_quantised,
+    write_faiss,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,25 +75,38 @@ def normalize(embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
 @dataclass(frozen=True)
 class Hit:
     id: str
-    score: float  # cosine similarity (inner product of unit vectors; approximate for PQ indexes)
+    score: float  # cosine similarity (inner product of unit vectors; approximate for PQ, int8 and binary indexes)
 
 
 class Index:
-    """A FAISS index with its document ids and metadata; `search` takes query texts or query embeddings."""
+    """A FAISS index with its document ids and metadata; `search` takes query texts or query embeddings.
 
-    def __init__(self, faiss_index, ids: Sequence[str], metadata: IndexMetadata, *, model=None, offsets=None):
-        if faiss_index.ntotal != len(ids) or faiss_index.d != metadata.dimension:
+    `ranges`: for int8 precision, the calibrated per-dimension (min, max) the documents were quantised with."""
+
+    def __init__(
+        self, faiss_index, ids: Sequence[str], metadata: IndexMetadata, *, model=None, offsets=None, ranges=None
+    ):
+        precision = Precision(metadata.precision)
+        width = binary_bits(metadata.dimension) if precision is Precision.BINARY else metadata.dimension
+        if faiss_index.ntotal != len(ids) or faiss_index.d != width:
             raise ValueError(
-                f"Inconsistent index: FAISS holds {faiss_index.ntotal} vectors of dimension {faiss_index.d} but there "
-                f"are {len(ids)} ids and the metadata says dimension {metadata.dimension}."
+                f"Inconsistent index: FAISS holds {faiss_index.ntotal} vectors of width {faiss_index.d} but there "
+                f"are {len(ids)} ids and the metadata says dimension {metadata.dimension} ({precision.value})."
             )
         if offsets is not None and len(offsets) != len(ids):
             raise ValueError(f"{len(offsets)} corpus offsets for {len(ids)} ids.")
+        if precision is Precision.INT8 and ranges is None:
+            raise ValueError("An int8 index needs the ranges its documents were quantised with (ranges=...).")
+        if precision is not Precision.INT8 and ranges is not None:
+            raise ValueError(f"Quantisation ranges belong to int8 indexes only; this index is {precision.value}.")
+        if ranges is not None and np.shape(ranges) != (2, metadata.dimension):
+            raise ValueError(f"int8 ranges have shape {np.shape(ranges)}, expected (2, {metadata.dimension}).")
         self.faiss_index = faiss_index
         self.ids = list(ids)
         self.metadata = metadata
         self.metadata.count = len(self.ids)
         self.offsets = offsets
+        self.ranges = ranges
         self._model = None
         if model is not None:
             self.model = model
@@ -85,7 +115,17 @@ class Index:
         return len(self.ids)
 
     def __repr__(self) -> str:
-        return f"Index({len(self)} documents, {self.metadata.factory}, dimension {self.metadata.dimension})"
+        return (
+            f"Index({len(self)} documents, {self.metadata.factory}, dimension {self.metadata.dimension}, "
+            f"{self.metadata.precision}, {self.bytes_per_vector} bytes per vector)"
+        )
+
+    @property
+    def bytes_per_vector(self) -> int | None:
+        """Bytes one document vector takes in the FAISS index: 4 * dimension (float32), dimension (int8),
+        dimension / 8 (binary), the code size of a PQ index. Graph links and ids are not counted; None if FAISS does
+        not report a code size for this index type."""
+        return code_size(self.faiss_index)
 
     @property
     def model(self):
@@ -139,13 +179,20 @@ class Index:
         )
         return normalize(embeddings)
 
-    def search(self, queries: str | Sequence[str] | np.ndarray, k: int = 10) -> list[list[Hit]]:
+    def search(
+        self, queries: str | Sequence[str] | np.ndarray, k: int = 10, *, rescore_multiplier: int | None = None
+    ) -> list[list[Hit]]:
         """Top-k hits per query, best first. `queries`: texts (encoded here) or an (n, dimension) array.
 
         A k larger than the index is clamped to its size with a warning; approximate indexes may return fewer hits.
+        int8 and binary indexes fetch k * `rescore_multiplier` candidates (default: metadata.rescore_multiplier) and
+        rescore them with the float queries; 0 keeps the compressed index's own ranking and scores.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}.")
+        if rescore_multiplier is None:
+            rescore_multiplier = self.metadata.rescore_multiplier
+        check_rescore_multiplier(rescore_multiplier)
         if isinstance(queries, str):
             queries = [queries]
         if len(queries) == 0:
@@ -161,7 +208,11 @@ class Index:
         if k > len(self):
             logger.warning("k=%d is larger than the index (%d documents); returning %d hits.", k, len(self), len(self))
             k = len(self)
-        scores, positions = self.faiss_index.search(vectors, k)
+        precision = Precision(self.metadata.precision)
+        if precision is Precision.FLOAT32:
+            scores, positions = self.faiss_index.search(vectors, k)
+        else:
+            scores, positions = search_quantised(self.faiss_index, precision, vectors, k, rescore_multiplier)
         return [
             [Hit(self.ids[p], float(s)) for s, p in zip(row_scores, row_positions) if p >= 0]
             for row_scores, row_positions in zip(scores, positions)
@@ -188,15 +239,27 @@ class Index:
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the index folder atomically: a crash mid-write leaves any previous index at `path` intact."""
-        return atomic_folder(path, self.write_into, overwrite=overwrite, marker=META_FILE)
+        saved = atomic_folder(path, self.write_into, overwrite=overwrite, marker=META_FILE)
+        logger.info(
+            "Saved %s: %d documents, %s, %s, %s bytes per vector", saved, len(self), self.metadata.factory,
+            self.metadata.precision, self.bytes_per_vector,
+        )
+        return saved
 
     def write_into(self, folder: Path) -> None:
         """Write the index's files into the existing folder `folder` as they are (`save` publishes it atomically).
         On-disk inverted lists are copied into it unless they are already its index.ivfdata."""
         self.metadata.count = len(self)
+        self.metadata.bytes_per_vector = self.bytes_per_vector
         self.metadata.faiss_version = import_faiss().__version__
         self.metadata.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        self.metadata.ivfdata = write_faiss_index(self.faiss_index, folder)
+        if self.metadata.precision == Precision.BINARY.value:  # binary indexes are never IVF on disk
+            write_faiss(self.faiss_index, str(folder / INDEX_FILE))
+            self.metadata.ivfdata = ""
+        else:
+            self.metadata.ivfdata = write_faiss_index(self.faiss_index, folder)
+        if self.ranges is not None:
+            np.save(folder / RANGES_FILE, np.asarray(self.ranges, dtype=np.float32))
         (folder / IDS_FILE).write_text(json.dumps(self.ids, ensure_ascii=False), encoding="utf-8")
         if self.offsets is not None:
             np.save(folder / OFFSETS_FILE, np.asarray(self.offsets, dtype=np.int64))
@@ -225,14 +288,22 @@ def load_index(path: str | os.PathLike, *, model=None) -> Index:
             offsets = np.load(folder / OFFSETS_FILE)
         except (OSError, ValueError, EOFError) as exc:
             raise ValueError(_damaged(folder / OFFSETS_FILE, exc)) from None
+    ranges = None
+    if metadata.precision == Precision.INT8.value:
+        try:
+            ranges = np.load(folder / RANGES_FILE)
+        except (OSError, ValueError, EOFError) as exc:
+            raise ValueError(_damaged(folder / RANGES_FILE, exc)) from None
     try:
-        # An on-disk IVF index's lists (metadata.ivfdata) are memory-mapped from this folder, not read.
-        faiss_index = read_faiss_index(folder, metadata.ivfdata)
+        if metadata.precision == Precision.BINARY.value:
+            faiss_index = read_faiss(str(folder / INDEX_FILE), metadata.precision)
+        else:  # an on-disk IVF index's lists (metadata.ivfdata) are memory-mapped from this folder, not read
+            faiss_index = read_faiss_index(folder, metadata.ivfdata)
     except RuntimeError as exc:  # faiss reports a missing, truncated or foreign file as a RuntimeError
         raise ValueError(_damaged(folder / INDEX_FILE, exc)) from None
     except (OSError, ValueError) as exc:  # the lists file is missing or short, or the metadata names no file
         raise ValueError(_damaged(folder / metadata.ivfdata, exc)) from None
-    return Index(faiss_index, ids, metadata, model=model, offsets=offsets)
+    return Index(faiss_index, ids, metadata, model=model, offsets=offsets, ranges=ranges)
 
 
 def _damaged(file: Path, exc: Exception) -> str:
@@ -254,7 +325,9 @@ def check_unique_ids(ids: Sequence[str]) -> None:
 def index_from_embeddings(
     embeddings: np.ndarray, ids: Sequence[str], metadata: IndexMetadata, *, model=None, offsets=None, seed: int = 0
 ) -> Index:
-    """An Index of `metadata.index_type` over precomputed (normalised here) embeddings."""
+    """An Index of `metadata.index_type` storing `metadata.precision` vectors, over precomputed (normalised here)
+    embeddings. `seed` draws the sample that trains an IVF/PQ index or calibrates int8."""
+    check_precision(metadata.precision, metadata.index_type)
     vectors = normalize(embeddings)
     if len(vectors) != len(ids):
         raise ValueError(f"{len(vectors)} embeddings for {len(ids)} ids.")
@@ -266,9 +339,9 @@ def index_from_embeddings(
     def sample(n: int) -> np.ndarray:
         return vectors[np.sort(rng.choice(len(vectors), n, replace=False))]
 
-    faiss_index, metadata.factory = new_faiss_index(metadata.index_type, len(vectors), vectors.shape[1], sample)
-    faiss_index.add(vectors)
-    return Index(faiss_index, ids, metadata, model=model, offsets=offsets)
+    faiss_index, ranges = new_index(metadata, len(vectors), sample, seed)
+    add_vectors(faiss_index, metadata.precision, vectors, ranges)
+    return Index(faiss_index, ids, metadata, model=model, offsets=offsets, ranges=ranges)
 
 
 def build_index(
@@ -277,6 +350,8 @@ def build_index(
     ids: Sequence[str] | None = None,
     *,
     index_type: str = IndexType.FLAT.value,
+    precision: Precision | str = Precision.FLOAT32,
+    rescore_multiplier: int = DEFAULT_RESCORE_MULTIPLIER,
     query_prompt: str | None = None,
     model_spec: str = "",
     batch_size: int = 32,
@@ -287,7 +362,11 @@ def build_index(
     For corpora on disk, streamed and resumable, use spt_embed.index_corpus. `model_spec` is recorded so that a
     loaded index can reopen its model by itself. Empty (or all-whitespace) texts are left out with a warning, as
     index_corpus does: their embedding is the prompt's alone, which would rank high for unrelated queries.
+    `precision`: float32, int8 or binary document vectors (int8 and binary with flat or hnsw only); their searches
+    rescore k * `rescore_multiplier` candidates by default.
     """
+    precision = check_precision(precision, index_type)
+    check_rescore_multiplier(rescore_multiplier)
     texts = list(texts)
     ids = [str(i) for i in range(len(texts))] if ids is None else [str(doc_id) for doc_id in ids]
     if len(ids) != len(texts):
@@ -316,6 +395,8 @@ def build_index(
         query_prompt=query_prompt,
         prompt_routes=prompt_routes(model),
         dtype=weights_dtype(model),
+        precision=precision.value,
+        rescore_multiplier=rescore_multiplier,
         skipped_empty=len(empty),
     )
     embeddings = model.encode_document(

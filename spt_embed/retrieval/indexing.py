@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from spt_embed.atomic import atomic_folder
 from spt_embed.recipe import enum_text, parse_enum
 from spt_embed.retrieval.corpus import CorpusSpec, Shard, iter_documents
-from spt_embed.retrieval.faiss_factory import IndexType, new_faiss_index
+from spt_embed.retrieval.faiss_factory import IndexType
 from spt_embed.retrieval.index import Index, load_index
 from spt_embed.retrieval.metadata import (
     DEFAULT_BLOCK_SIZE,
@@ -40,6 +40,14 @@ from spt_embed.retrieval.metadata import (
     ShardMetadata,
 )
 from spt_embed.retrieval.ondisk import build_ondisk, can_merge_ondisk
+from spt_embed.retrieval.precision import (
+    DEFAULT_RESCORE_MULTIPLIER,
+    Precision,
+    add_vectors,
+    check_precision,
+    check_rescore_multiplier,
+    new_index,
+)
 from spt_embed.retrieval.shards import MAX_REPORTED_DUPLICATES, CorpusChangedError, encode_shard, list_parts
 
 logger = logging.getLogger(__name__)
@@ -50,6 +58,8 @@ def merge_shards(
     output: str | os.PathLike,
     *,
     index_type: str | None = None,
+    precision: Precision | str | None = None,
+    rescore_multiplier: int | None = None,
     on_duplicate: OnDuplicate | str = OnDuplicate.ERROR,
     overwrite: bool = False,
     model=None,
@@ -58,7 +68,8 @@ def merge_shards(
     """One index from complete shard folders (all from one model and query prompt); saved at `output`.
 
     IVF index types get their inverted lists on disk (index.ivfdata, memory-mapped), flat and HNSW are built in
-    memory; see the module docstring. An existing `output` is refused before any work unless `overwrite`.
+    memory; see the module docstring. `index_type`, `precision` and `rescore_multiplier` default to the ones the
+    shards were made for. An existing `output` is refused before any work unless `overwrite`.
     """
     output = Path(output).expanduser()
     _check_output(output, overwrite)
@@ -81,6 +92,10 @@ def merge_shards(
         if len(types) > 1:
             raise ValueError(f"The shards were made for index types {sorted(types)}; choose one with --index-type.")
         index_type = types.pop()
+    precision = _shards_choice(shards, "precision", precision, "--precision")
+    rescore_multiplier = _shards_choice(shards, "rescore_multiplier", rescore_multiplier, "--rescore-multiplier")
+    precision = check_precision(precision, index_type)
+    check_rescore_multiplier(rescore_multiplier)
 
     shard_parts = [list_parts(folder) for folder, _ in shards]
     parts = [part for folder_parts in shard_parts for part in folder_parts]
@@ -92,18 +107,20 @@ def merge_shards(
     sizes = [int(mask.sum()) for mask in masks]
     rng = np.random.default_rng(seed)
     dimension = first.dimension
-    faiss_index, factory = new_faiss_index(
-        index_type, len(ids), dimension, lambda n: _sample(parts, masks, sizes, n, rng, dimension)
+    metadata = first.index_metadata(enum_text(index_type))
+    metadata.precision, metadata.rescore_multiplier, metadata.skipped_empty = (
+        precision.value, rescore_multiplier, skipped_empty
+    )
+    faiss_index, ranges = new_index(
+        metadata, len(ids), lambda n: _sample(parts, masks, sizes, n, rng, dimension), seed
     )
     corpora = {json.dumps(meta.corpus, sort_keys=True) for _, meta in shards}
     offsets = None
     if len(corpora) == 1:
         offsets = np.concatenate([np.load(part)["offsets"][mask] for part, mask in zip(parts, masks)])
-    metadata = first.index_metadata(enum_text(index_type))
-    metadata.factory, metadata.skipped_empty = factory, skipped_empty
     if offsets is None:
         metadata.corpus = None  # documents from several files: no single file to show snippets from
-    if can_merge_ondisk(faiss_index):
+    if precision is Precision.FLOAT32 and can_merge_ondisk(faiss_index):
         starts = np.cumsum([0] + [len(folder_parts) for folder_parts in shard_parts])
         blocks = [
             _vectors(parts[start:stop], masks[start:stop], dimension) for start, stop in zip(starts[:-1], starts[1:])
@@ -114,11 +131,14 @@ def merge_shards(
     else:
         for vectors in tqdm(_vectors(parts, masks, dimension), total=len(parts), desc="add to index", unit="part",
                             disable=len(parts) < 2):
-            faiss_index.add(vectors)
-        index = Index(faiss_index, ids, metadata, model=model, offsets=offsets)
+            add_vectors(faiss_index, precision, vectors, ranges)
+        index = Index(faiss_index, ids, metadata, model=model, offsets=offsets, ranges=ranges)
         index.save(output, overwrite=overwrite)
     where = f", inverted lists on disk in {index.metadata.ivfdata}" if index.metadata.ivfdata else ""
-    logger.info("Wrote %s: %d documents, %s, from %d shard(s)%s.", output, len(index), factory, len(shards), where)
+    logger.info(
+        "Wrote %s: %d documents, %s, %s (%s bytes per vector), from %d shard(s)%s.", output, len(index),
+        metadata.factory, precision.value, index.bytes_per_vector, len(shards), where,
+    )
     return index
 
 
@@ -177,6 +197,16 @@ def _vectors(parts: Sequence[Path], masks: Sequence[np.ndarray], dimension: int)
     """The kept embeddings of `parts`, one part at a time."""
     for part, mask in zip(parts, masks):
         yield _embeddings(part, mask, dimension)
+
+
+def _shards_choice(shards: list[tuple[Path, ShardMetadata]], name: str, given, flag: str):
+    """`given` if not None, else the value of `name` the shards agree on."""
+    if given is not None:
+        return given
+    values = {getattr(meta, name) for _, meta in shards}
+    if len(values) > 1:
+        raise ValueError(f"The shards were made for {name} {sorted(values)}; choose one with {flag}.")
+    return values.pop()
 
 
 def _check_complete_sets(shards: list[tuple[Path, ShardMetadata]]) -> None:
@@ -255,6 +285,8 @@ def index_corpus(
     output: str | os.PathLike,
     *,
     index_type: str = IndexType.FLAT.value,
+    precision: Precision | str = Precision.FLOAT32,
+    rescore_multiplier: int = DEFAULT_RESCORE_MULTIPLIER,
     shard: Shard | str | None = None,
     batch_size: int = 32,
     block_size: int = DEFAULT_BLOCK_SIZE,
@@ -276,8 +308,13 @@ def index_corpus(
     SentenceTransformer (then pass `model_spec` for the index to record how to reopen it). Without `shard`, the
     embeddings go to `OUTPUT.parts/` first, so that a killed run resumes; it is removed at the end unless
     `keep_parts`. With `shard`, `overwrite` deletes an existing shard folder instead of resuming it. `dtype`: the
-    weights' dtype a model spec is opened in (recorded; search encodes queries in it).
+    weights' dtype a model spec is opened in (recorded; search encodes queries in it). `precision`: float32, int8 or
+    binary document vectors (int8 and binary with flat or hnsw only; a shard records it for the merge); their
+    searches rescore k * `rescore_multiplier` candidates by default.
     """
+    # Checked before the model is opened: a refused combination costs no encoding.
+    precision = check_precision(precision, index_type)
+    check_rescore_multiplier(rescore_multiplier)
     if isinstance(model, (str, os.PathLike)):
         from spt_embed.model.encoder import open_encoder
 
@@ -298,6 +335,8 @@ def index_corpus(
     options = dict(
         model_spec=model_spec or "",
         index_type=index_type,
+        precision=precision,
+        rescore_multiplier=rescore_multiplier,
         query_prompt=query_prompt,
         batch_size=batch_size,
         block_size=block_size,
@@ -323,7 +362,8 @@ def index_corpus(
         logger.warning("%s; starting afresh.", exc)
         shutil.rmtree(work)
         encode_shard(model, corpus, work, **options)
-    merge_shards([work], output, index_type=index_type, on_duplicate=on_duplicate, overwrite=overwrite, model=model)
+    merge_shards([work], output, index_type=index_type, precision=precision, rescore_multiplier=rescore_multiplier,
+                 on_duplicate=on_duplicate, overwrite=overwrite, model=model)
     if not keep_parts:
         shutil.rmtree(work)
     return output

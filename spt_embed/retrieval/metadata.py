@@ -15,6 +15,7 @@ from spt_embed.atomic import write_text
 from spt_embed.recipe import parse_enum
 from spt_embed.retrieval.corpus import Shard
 from spt_embed.retrieval.faiss_factory import IndexType
+from spt_embed.retrieval.precision import DEFAULT_RESCORE_MULTIPLIER, Precision, check_rescore_multiplier
 
 # An index folder (see spt_embed.retrieval.index).
 INDEX_FILE = "index.faiss"
@@ -63,6 +64,21 @@ class IndexMetadata:
         metadata={"help": "SPT with task prompts: the soft prompt documents and queries go through (prompt_routes)."},
     )
     dtype: str = field(default="float32", metadata={"help": "Weights' dtype of the encoder; queries are encoded in it."})
+    precision: str = field(
+        default=Precision.FLOAT32.value,
+        metadata={"help": "How document vectors are stored: float32, int8 (1 byte per dimension) or binary (1 bit)."},
+    )
+    rescore_multiplier: int = field(
+        default=DEFAULT_RESCORE_MULTIPLIER,
+        metadata={"help": "int8/binary: candidates per hit rescored with the float query (0: none); search default."},
+    )
+    bytes_per_vector: int | None = field(
+        default=None, metadata={"help": "Bytes one document vector takes in index.faiss (set when saved)."}
+    )
+    calibration: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "int8: how the per-dimension ranges were calibrated (sample size, seed, file of ranges)."},
+    )
     corpus: dict[str, Any] | None = field(default=None, metadata={"help": "CorpusSpec of the indexed file, if one."})
     spt_embed_version: str = field(default="", metadata={"help": "Library version that wrote the index."})
     faiss_version: str = field(default="", metadata={"help": "FAISS version that wrote the index."})
@@ -71,6 +87,8 @@ class IndexMetadata:
     def __post_init__(self) -> None:
         if not isinstance(self.dimension, int) or self.dimension < 1:
             raise ValueError(f"dimension must be a positive integer, got {self.dimension!r}.")
+        self.precision = parse_enum(Precision, self.precision, "precision").value
+        check_rescore_multiplier(self.rescore_multiplier)
         _stamp_version(self)
 
     def check_same_model(self, other: IndexMetadata, what: str, other_what: str) -> None:
@@ -100,6 +118,10 @@ class ShardMetadata:
     )
     dtype: str = field(default="float32", metadata={"help": "Weights' dtype of the encoder (resume in the same)."})
     index_type: str = field(default=IndexType.FLAT.value, metadata={"help": "Index type the merge builds by default."})
+    precision: str = field(default=Precision.FLOAT32.value, metadata={"help": "Precision the merge stores by default."})
+    rescore_multiplier: int = field(
+        default=DEFAULT_RESCORE_MULTIPLIER, metadata={"help": "Rescore multiplier the merged index records by default."}
+    )
     block_size: int = field(default=DEFAULT_BLOCK_SIZE, metadata={"help": "Documents per part (resume granularity)."})
     on_duplicate: str = field(default=OnDuplicate.ERROR.value, metadata={"help": "error or keep-first."})
     complete: bool = field(default=False, metadata={"help": "True once every part is written."})
@@ -110,6 +132,8 @@ class ShardMetadata:
 
     def __post_init__(self) -> None:
         Shard.parse(self.shard)
+        self.precision = parse_enum(Precision, self.precision, "precision").value
+        check_rescore_multiplier(self.rescore_multiplier)
         self.on_duplicate = parse_enum(OnDuplicate, self.on_duplicate, "on_duplicate").value
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}.")

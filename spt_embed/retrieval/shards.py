@@ -35,6 +35,7 @@ from spt_embed.retrieval.corpus import CorpusSpec, Document, Shard, count_record
 from spt_embed.retrieval.faiss_factory import IndexType
 from spt_embed.retrieval.index import model_fingerprint, normalize, prompt_routes
 from spt_embed.retrieval.metadata import DEFAULT_BLOCK_SIZE, PARTS_DIR, SHARD_FILE, OnDuplicate, ShardMetadata
+from spt_embed.retrieval.precision import DEFAULT_RESCORE_MULTIPLIER, Precision
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,8 @@ def encode_shard(
     shard: Shard = Shard(),
     model_spec: str = "",
     index_type: str = IndexType.FLAT.value,
+    precision: Precision | str = Precision.FLOAT32,
+    rescore_multiplier: int = DEFAULT_RESCORE_MULTIPLIER,
     query_prompt: str | None = None,
     batch_size: int = 32,
     block_size: int = DEFAULT_BLOCK_SIZE,
@@ -174,6 +177,8 @@ def encode_shard(
         prompt_routes=prompt_routes(model),
         dtype=weights_dtype(model),
         index_type=enum_text(index_type),
+        precision=enum_text(precision),
+        rescore_multiplier=rescore_multiplier,
         block_size=block_size,
         on_duplicate=parse_enum(OnDuplicate, on_duplicate, "on_duplicate").value,
     )
