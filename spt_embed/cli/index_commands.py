@@ -27,13 +27,13 @@ def add_index_parsers(subparsers) -> None:
     idx = subparsers.add_parser(
         "index",
         help="encode a corpus file into a FAISS index folder (or one shard of it)",
-        description="Encode a corpus (jsonl with _id/id, title, text as BEIR; csv/tsv with a header; or plain text, "
-        "one document per line, id = line number) into a FAISS index folder. Large corpora: run --shard i/N jobs "
-        "anywhere, then `spt-embed index-merge`, or encode on a Ray cluster with --engine ray. A killed job rerun "
-        "with the same command resumes.",
+        description="Encode a corpus (jsonl with _id/id, title, text as BEIR; parquet with those columns; csv/tsv "
+        "with a header; or plain text, one document per line, id = line number) into a FAISS index folder. Large "
+        "corpora: run --shard i/N jobs anywhere, then `spt-embed index-merge`, or encode on a Ray cluster with "
+        "--engine ray. A killed job rerun with the same command resumes.",
     )
     idx.add_argument("--model", required=True, help=MODEL_HELP)
-    idx.add_argument("--corpus", required=True, help="corpus: .jsonl, .csv, .tsv, else one doc per line")
+    idx.add_argument("--corpus", required=True, help="corpus: .jsonl, .parquet, .csv, .tsv, else one doc per line")
     idx.add_argument("--output", required=True, help="index folder to write (with --shard: the shard folder)")
     idx.add_argument(
         "--index-type",
@@ -58,19 +58,21 @@ def add_index_parsers(subparsers) -> None:
         "--keep-parts", action="store_true",
         help="keep OUTPUT.parts/ (--engine ray: OUTPUT.parquet/), the encoded blocks, after indexing",
     )
-    ray = idx.add_argument_group("Ray", "encode with Ray Data actors on a Ray cluster (pip install 'spt-embed[ray]')")
-    ray.add_argument(
+    ray_group = idx.add_argument_group(
+        "Ray", "encode with Ray Data actors on a Ray cluster (pip install 'spt-embed[ray]')"
+    )
+    ray_group.add_argument(
         "--engine", choices=ENGINES, default="local",
         help="local: this process (default); ray: an actor pool on a Ray cluster, blocks saved as parquet",
     )
-    ray.add_argument(
+    ray_group.add_argument(
         "--address", default=None,
         help="Ray cluster: auto (the one this machine is part of), HOST:PORT or ray://HOST:10001 (default: that of "
         "auto if there is one, else a new local Ray)",
     )
-    ray.add_argument("--num-workers", type=int, default=None, help="encoder actors (default: as many as fit)")
-    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor (default 1)")
-    ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor; >0 encodes on CUDA")
+    ray_group.add_argument("--num-workers", type=int, default=None, help="encoder actors (default: as many as fit)")
+    ray_group.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor (default 1)")
+    ray_group.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor; >0 encodes on CUDA")
     idx.set_defaults(func=run_index)
 
     sea = subparsers.add_parser("search", help="search an index folder with query texts")
