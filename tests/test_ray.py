@@ -135,6 +135,15 @@ def test_a_lost_block_is_encoded_again_and_only_it(local_ray, adapters, corpus, 
     assert {path.name: path.stat().st_ino for path in blocks} == after  # the refusals wrote nothing
 
 
+@pytest.mark.ray
+def test_workers_must_fit_the_cluster(local_ray, adapters, corpus, tmp_path):
+    with pytest.raises(ValueError, match=r"3 workers of 1 CPU\(s\) do not fit the Ray cluster \(2 CPUs, 0 GPUs\)"):
+        encode_corpus_ray(adapters[0], corpus["jsonl"], tmp_path / "emb", num_workers=3, on_duplicate="keep-first")
+    with pytest.raises(ValueError, match=r"--gpus-per-worker 1 but the Ray cluster has 0 GPU\(s\)"):
+        encode_corpus_ray(adapters[0], corpus["jsonl"], tmp_path / "emb", gpus_per_worker=1, on_duplicate="keep-first")
+    assert not (tmp_path / "emb").exists()
+
+
 def _unused_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

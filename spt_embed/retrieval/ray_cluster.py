@@ -77,7 +77,7 @@ def worker_count(ray, num_workers: int | None, cpus: float, gpus: float) -> int:
     total = ray.cluster_resources()
     have_cpus, have_gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     if gpus and have_gpus < gpus:
-        raise ValueError(f"--gpus-per-worker {gpus} but the Ray cluster has {have_gpus:g} GPU(s).")
+        raise ValueError(f"--gpus-per-worker {gpus:g} but the Ray cluster has {have_gpus:g} GPU(s).")
     fits = int(min(have_cpus // cpus, have_gpus // gpus if gpus else have_cpus // cpus))
     workers = num_workers or max(1, fits)
     if workers > fits:
