@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) eval/demo.py --output out/demo
 
-# The suite, then the Ray tests as a step of their own (each starts Ray actors: about a minute per test here).
+# The suite, then the Ray tests as a step of their own (each starts Ray actors: 40-80 s a test on 2 busy cores).
 test: setup
 	$(PY) -m pytest -q -m "not ray"
 	$(MAKE) --no-print-directory test-ray
