@@ -7,7 +7,7 @@ Layout, one folder per stage of the pipeline:
     model/       the soft prompt, the sentence-transformers module, backbones, baselines, export
     training/    suffix-prompt training (and its LoRA baseline), data, the bidirectional MNTP stage
     evaluation/  mteb on local tasks
-    retrieval/   corpora, FAISS indexes, sharded indexing
+    retrieval/   corpora, FAISS indexes, sharded indexing, distributed encoding on Ray
     cli/         the `spt-embed` command line
 """
 
@@ -37,6 +37,8 @@ _EXPORTS: dict[str, str] = {
     "load_index": "spt_embed.retrieval.index",
     "index_corpus": "spt_embed.retrieval.indexing",
     "merge_shards": "spt_embed.retrieval.indexing",
+    "index_from_parquet": "spt_embed.retrieval.parquet_shards",
+    "encode_corpus_ray": "spt_embed.retrieval.ray_encoding",
     "mntp": "spt_embed.training.mntp",
     "MNTPConfig": "spt_embed.training.mntp_config",
     "TrainConfig": "spt_embed.training.train_config",
@@ -67,6 +69,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from spt_embed.model.module import ForwardPath, SuffixPromptModule
     from spt_embed.retrieval.index import Index, build_index, load_index
     from spt_embed.retrieval.indexing import index_corpus, merge_shards
+    from spt_embed.retrieval.parquet_shards import index_from_parquet
+    from spt_embed.retrieval.ray_encoding import encode_corpus_ray
     from spt_embed.training.mntp import mntp
     from spt_embed.training.mntp_config import MNTPConfig
     from spt_embed.training.train import train

@@ -132,14 +132,22 @@ def umask(request):
         os.umask(previous)
 
 
+# Set by `make test` (and so CI): tests marked `ray` then run, and fail if Ray is missing, instead of being skipped.
+REQUIRE_RAY = "SPT_EMBED_REQUIRE_RAY"
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA: skipped (with the reason shown) where there is none, as on CI."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device (none here); `make gpu-check` runs the GPU checks")
+    """Tests marked `gpu` need CUDA: skipped (with the reason shown) where there is none, as on CI. Tests marked
+    `ray` need the `ray` extra: skipped where it is not installed, unless SPT_EMBED_REQUIRE_RAY=1."""
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (none here); `make gpu-check` runs the GPU checks")
+    skip_ray = pytest.mark.skip(reason="needs Ray (pip install 'spt-embed[ray]'); `make test` installs it")
+    no_gpu = not torch.cuda.is_available()
+    no_ray = importlib.util.find_spec("ray") is None and os.environ.get(REQUIRE_RAY) != "1"
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if no_gpu and "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+        if no_ray and item.get_closest_marker("ray") is not None:
+            item.add_marker(skip_ray)
 
 
 def load_script(relative: str, name: str):

@@ -23,6 +23,9 @@ RESCORE_HELP = "int8/binary: fetch k times this many candidates and rescore them
 
 logger = logging.getLogger(__name__)
 
+ENGINES = ("local", "ray")
+_RAY_OPTIONS = {"address": None, "num_workers": None, "cpus_per_worker": 1.0, "gpus_per_worker": 0.0}
+
 
 def add_index_parsers(subparsers) -> None:
     """Add the three subcommands to the `spt-embed` subparsers; each sets `func` to its run function."""
@@ -33,12 +36,13 @@ def add_index_parsers(subparsers) -> None:
     idx = subparsers.add_parser(
         "index",
         help="encode a corpus file into a FAISS index folder (or one shard of it)",
-        description="Encode a corpus (jsonl with _id/id, title, text as BEIR; csv/tsv with a header; or plain text, "
-        "one document per line, id = line number) into a FAISS index folder. Large corpora: run --shard i/N jobs "
-        "anywhere, then `spt-embed index-merge`. A killed job rerun with the same command resumes.",
+        description="Encode a corpus (jsonl with _id/id, title, text as BEIR; parquet with those columns; csv/tsv "
+        "with a header; or plain text, one document per line, id = line number) into a FAISS index folder. Large "
+        "corpora: run --shard i/N jobs anywhere, then `spt-embed index-merge`, or encode on a Ray cluster with "
+        "--engine ray. A killed job rerun with the same command resumes.",
     )
     idx.add_argument("--model", required=True, help=MODEL_HELP)
-    idx.add_argument("--corpus", required=True, help="corpus: .jsonl, .csv, .tsv, else one doc per line")
+    idx.add_argument("--corpus", required=True, help="corpus: .jsonl, .parquet, .csv, .tsv, else one doc per line")
     idx.add_argument("--output", required=True, help="index folder to write (with --shard: the shard folder)")
     idx.add_argument(
         "--index-type",
@@ -64,7 +68,25 @@ def add_index_parsers(subparsers) -> None:
         "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="documents per saved part (resume granularity)"
     )
     idx.add_argument("--overwrite", action="store_true", help="replace the output (a shard folder: start it afresh)")
-    idx.add_argument("--keep-parts", action="store_true", help="keep OUTPUT.parts/ (the encoded blocks) after indexing")
+    idx.add_argument(
+        "--keep-parts", action="store_true",
+        help="keep OUTPUT.parts/ (--engine ray: OUTPUT.parquet/), the encoded blocks, after indexing",
+    )
+    ray_group = idx.add_argument_group(
+        "Ray", "encode with Ray Data actors on a Ray cluster (pip install 'spt-embed[ray]')"
+    )
+    ray_group.add_argument(
+        "--engine", choices=ENGINES, default="local",
+        help="local: this process (default); ray: an actor pool on a Ray cluster, blocks saved as parquet",
+    )
+    ray_group.add_argument(
+        "--address", default=None,
+        help="Ray cluster: auto (the one this machine is part of), HOST:PORT or ray://HOST:10001 (default: that of "
+        "auto if there is one, else a new local Ray)",
+    )
+    ray_group.add_argument("--num-workers", type=int, default=None, help="encoder actors (default: as many as fit)")
+    ray_group.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor (default 1)")
+    ray_group.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor; >0 encodes on CUDA")
     idx.set_defaults(func=run_index)
 
     sea = subparsers.add_parser("search", help="search an index folder with query texts")
@@ -105,16 +127,10 @@ def add_index_parsers(subparsers) -> None:
 
 
 def run_index(args: argparse.Namespace) -> None:
-    from spt_embed.retrieval.indexing import index_corpus
-
-    output = index_corpus(
-        args.model,
-        args.corpus,
-        args.output,
+    options = dict(
         index_type=args.index_type,
         precision=args.precision,
         rescore_multiplier=args.rescore_multiplier,
-        shard=args.shard,
         batch_size=args.batch_size,
         block_size=args.block_size,
         query_prompt=args.query_prompt,
@@ -128,6 +144,21 @@ def run_index(args: argparse.Namespace) -> None:
         keep_parts=args.keep_parts,
         dtype=args.dtype,
     )
+    ray_options = {name: getattr(args, name) for name in _RAY_OPTIONS}
+    if args.engine == "ray":
+        if args.shard is not None:
+            raise ValueError("--shard splits the work by hand; --engine ray spreads it over the cluster: use one.")
+        from spt_embed.retrieval.ray_encoding import index_corpus_ray
+
+        output = index_corpus_ray(args.model, args.corpus, args.output, **options, **ray_options)
+    else:
+        given = [name for name, default in _RAY_OPTIONS.items() if ray_options[name] != default]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ValueError(f"{flags} only apply to --engine ray.")
+        from spt_embed.retrieval.indexing import index_corpus
+
+        output = index_corpus(args.model, args.corpus, args.output, shard=args.shard, **options)
     if args.shard is not None:
         meta = ShardMetadata.load(output)
         print(f"shard {meta.shard}: {meta.count} documents in {output}; merge all shards with `spt-embed index-merge`")

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError, ConnectionError, ImportError) as exc:
         print(f"spt-embed {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,9 +1,10 @@
-"""Streaming corpus readers: BEIR jsonl, csv/tsv and plain text, one `Document` at a time.
+"""Streaming corpus readers: BEIR jsonl, csv/tsv, parquet and plain text, one `Document` at a time.
 
 A corpus is never held in memory: files are read line by line (as bytes, so that every record knows its line
-number and byte offset, and a bad byte sequence is reported on its own line). Records are numbered 0, 1, 2, ...
-in file order (blank lines are not records); `Shard` slices a corpus by that number, so a shard's documents do not
-depend on which lines parse.
+number and byte offset, and a bad byte sequence is reported on its own line), parquet files a batch of rows at a
+time (only the id, text and title columns). Records are numbered 0, 1, 2, ... in file order (blank lines are not
+records); `Shard` slices a corpus by that number, so a shard's documents do not depend on which lines parse. A
+reader can start at any document's `Position` and numbers records and lines as a read from the start would.
 """
 
 from __future__ import annotations
@@ -31,11 +32,17 @@ class CorpusFormat(str, enum.Enum):
     CSV = "csv"  # header row; quoted fields may span lines
     TSV = "tsv"  # header row; split on tabs only, no quoting (BEIR qrels-style files)
     TEXT = "text"  # one document per line; its id is the line number (1-based)
+    PARQUET = "parquet"  # one row per document, columns as jsonl fields; "line" and "offset" are the row number
 
 
-_SUFFIX_FORMATS = {".jsonl": CorpusFormat.JSONL, ".csv": CorpusFormat.CSV, ".tsv": CorpusFormat.TSV}
+_SUFFIX_FORMATS = {
+    ".jsonl": CorpusFormat.JSONL,
+    ".csv": CorpusFormat.CSV,
+    ".tsv": CorpusFormat.TSV,
+    ".parquet": CorpusFormat.PARQUET,
+}
 # Structured files a stream of lines cannot read: taken as text, every raw line would become a document.
-_UNSTREAMED_SUFFIXES = (".json", ".parquet")
+_UNSTREAMED_SUFFIXES = (".json",)
 _DEFAULT_ID_FIELDS = ("_id", "id")
 
 
@@ -66,12 +73,25 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class Position:
+    """Where a record starts: a reader started here numbers records and lines as a read from the file's start."""
+
+    record: int = 0  # 0-based record number
+    line: int = 1  # 1-based line (parquet: row) number
+    offset: int = 0  # byte offset of that line (parquet: 0-based row number)
+
+
+@dataclass(frozen=True)
 class Document:
     id: str
     text: str
     record: int  # 0-based record number in the file (what Shard slices on)
-    line: int  # 1-based line where the record starts
-    offset: int  # byte offset of that line: read_document_at() fetches the text again from here
+    line: int  # 1-based line where the record starts (parquet: row number, 1-based)
+    offset: int  # byte offset of that line (parquet: 0-based row): read_document_at() fetches the text from here
+
+    @property
+    def position(self) -> Position:
+        return Position(self.record, self.line, self.offset)
 
 
 @dataclass
@@ -80,7 +100,8 @@ class CorpusSpec:
 
     path: str = field(metadata={"help": "Corpus file."})
     format: CorpusFormat | None = field(
-        default=None, metadata={"help": "jsonl, csv, tsv or text; None: from the suffix (anything else is text)."}
+        default=None,
+        metadata={"help": "jsonl, csv, tsv, parquet or text; None: from the suffix (anything else is text)."},
     )
     id_field: str | None = field(
         default=None, metadata={"help": "Field/column with the document id; None: '_id' then 'id'. Unused for text."}
@@ -101,7 +122,8 @@ class CorpusSpec:
             if suffix in _UNSTREAMED_SUFFIXES:
                 raise ValueError(
                     f"{self.path}: a {suffix} file is not read as a corpus (it is not one record per line). Convert "
-                    f"it to .jsonl (one JSON object per line) or .csv/.tsv with a header, or take each line as a "
+                    f"it to .jsonl (one JSON object per line), .parquet or .csv/.tsv with a header, or take each "
+                    f"line as a "
                     f"document with `spt-embed index --format text` (Python: format='text')."
                 )
             self.format = _SUFFIX_FORMATS.get(suffix, CorpusFormat.TEXT)
@@ -138,56 +160,62 @@ class _BadLines:
             logger.warning("%s: skipped %d unreadable record(s) in all.", self.spec.path, self.count)
 
 
-def _raw_lines(file: Path, start: int = 0) -> Iterator[tuple[int, int, bytes, int]]:
+def _raw_lines(file: Path, start: int = 0, first_line: int = 1) -> Iterator[tuple[int, int, bytes, int]]:
     """(1-based line number, byte offset, bytes without the line ending, offset of the next line).
 
-    Splits on b"\\n" only; line numbers count from the line at byte `start`."""
+    Splits on b"\\n" only; the line at byte `start` is number `first_line`."""
     with file.open("rb") as handle:
         handle.seek(start)
         offset = start
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in enumerate(handle, start=first_line):
             end = offset + len(raw)
             yield number, offset, raw.rstrip(b"\r\n"), end
             offset = end
 
 
 def count_records(spec: CorpusSpec) -> int | None:
-    """Records in a jsonl or text corpus (non-blank lines): a cheap pass for the progress bar. None for csv/tsv."""
+    """Records in a jsonl or text corpus (non-blank lines) or a parquet one (rows, from its footer): a cheap pass
+    for the progress bar. None for csv/tsv."""
+    if spec.format is CorpusFormat.PARQUET:
+        return _parquet_file(spec.check_file()).metadata.num_rows
     if spec.format not in (CorpusFormat.JSONL, CorpusFormat.TEXT):
         return None
     with spec.check_file().open("rb") as handle:
         return sum(1 for raw in handle if raw.strip())
 
 
-def iter_documents(spec: CorpusSpec, shard: Shard | None = None) -> Iterator[Document]:
+def iter_documents(spec: CorpusSpec, shard: Shard | None = None, start: Position = Position()) -> Iterator[Document]:
     """The corpus' documents in file order, only those of `shard` if given (others are not even parsed).
 
+    `start`: a document's position (Document.position) to read from there on, numbered as from the file's start.
     Unreadable records (bad UTF-8, bad JSON, a missing id or text, a wrong number of columns) raise ValueError naming
     the file and line, unless `spec.skip_bad_lines`. Duplicate ids are the caller's concern.
     """
     file = spec.check_file()
     shard = shard or Shard()
     bad = _BadLines(spec)
-    if spec.format is CorpusFormat.JSONL:
-        yield from _jsonl_documents(file, spec, shard, bad)
-    elif spec.format is CorpusFormat.TEXT:
-        yield from _text_documents(file, shard, bad)
-    else:
-        yield from _table_documents(file, spec, shard, bad)
+    yield from _documents(file, spec, shard, bad, start)
     bad.summary()
 
 
+def _documents(file: Path, spec: CorpusSpec, shard: Shard, bad: _BadLines, start: Position) -> Iterator[Document]:
+    if spec.format is CorpusFormat.JSONL:
+        return _jsonl_documents(file, spec, shard, bad, start)
+    if spec.format is CorpusFormat.TEXT:
+        return _text_documents(file, shard, bad, start)
+    if spec.format is CorpusFormat.PARQUET:
+        return _parquet_documents(file, spec, shard, bad, start)
+    return _table_documents(file, spec, shard, bad, start)
+
+
 def read_document_at(spec: CorpusSpec, offset: int) -> Document:
-    """The document whose record starts at byte `offset` (as recorded in Document.offset)."""
+    """The document whose record starts at byte `offset` (parquet: row), as recorded in Document.offset.
+
+    Its record and line numbers count from there (the ids of a text corpus too), so compare only its text."""
     file = spec.check_file()
     bad = _BadLines(CorpusSpec(**{**spec.to_dict(), "skip_bad_lines": False}))
-    if spec.format is CorpusFormat.JSONL:
-        documents = _jsonl_documents(file, spec, Shard(), bad, start=offset)
-    elif spec.format is CorpusFormat.TEXT:
-        documents = _text_documents(file, Shard(), bad, start=offset)
-    else:
-        documents = _table_documents(file, spec, Shard(), bad, start=offset)
-    for document in documents:
+    start = Position(record=0, line=1, offset=offset)
+    for document in _documents(file, spec, Shard(), bad, start):
         return document
     raise ValueError(f"{file}: no document at byte offset {offset}; has the corpus changed since it was indexed?")
 
@@ -200,12 +228,12 @@ def _decode(raw: bytes, line: int, bad: _BadLines) -> str | None:
         return None
 
 
-def _shard_lines(file: Path, shard: Shard, bad: _BadLines, start: int = 0) -> Iterator[tuple[int, int, int, str]]:
+def _shard_lines(file: Path, shard: Shard, bad: _BadLines, start: Position) -> Iterator[tuple[int, int, int, str]]:
     """(line, byte offset, record number, text) of this shard's non-blank, UTF-8 lines; blank lines are no records
     (ids and shards ignore them) and are reported once at the end."""
-    record = -1
+    record = start.record - 1
     blank: list[int] = []
-    for line, offset, raw, _ in _raw_lines(file, start):
+    for line, offset, raw, _ in _raw_lines(file, start.offset, start.line):
         if not raw.strip():
             blank.append(line)
             continue
@@ -218,15 +246,12 @@ def _shard_lines(file: Path, shard: Shard, bad: _BadLines, start: int = 0) -> It
     _report_blank(file, blank)
 
 
-def _text_documents(file: Path, shard: Shard, bad: _BadLines, start: int = 0) -> Iterator[Document]:
+def _text_documents(file: Path, shard: Shard, bad: _BadLines, start: Position) -> Iterator[Document]:
     for line, offset, record, text in _shard_lines(file, shard, bad, start):
-        # The id is the line number in the whole file; from a non-zero `start` it is only used as a check.
-        yield Document(str(line), text.strip(), record, line, offset)
+        yield Document(str(line), text.strip(), record, line, offset)  # the id: the line number in the whole file
 
 
-def _jsonl_documents(
-    file: Path, spec: CorpusSpec, shard: Shard, bad: _BadLines, start: int = 0
-) -> Iterator[Document]:
+def _jsonl_documents(file: Path, spec: CorpusSpec, shard: Shard, bad: _BadLines, start: Position) -> Iterator[Document]:
     for line, offset, record, text in _shard_lines(file, shard, bad, start):
         try:
             row = json.loads(text)
@@ -279,10 +304,10 @@ def _document_from_row(
 class _LineSource:
     """Decoded lines for csv.reader, remembering where the next line starts (the start of the next record)."""
 
-    def __init__(self, file: Path, bad: _BadLines, start: int):
-        self._lines = _raw_lines(file, start)
+    def __init__(self, file: Path, bad: _BadLines, start: int, first_line: int = 1):
+        self._lines = _raw_lines(file, start, first_line)
         self._bad = bad
-        self.next_line, self.next_offset = 1, start
+        self.next_line, self.next_offset = first_line, start
 
     def __iter__(self) -> _LineSource:
         return self
@@ -294,9 +319,7 @@ class _LineSource:
         return "\n" if text is None else text + "\n"
 
 
-def _table_documents(
-    file: Path, spec: CorpusSpec, shard: Shard, bad: _BadLines, start: int = 0
-) -> Iterator[Document]:
+def _table_documents(file: Path, spec: CorpusSpec, shard: Shard, bad: _BadLines, start: Position) -> Iterator[Document]:
     tsv = spec.format is CorpusFormat.TSV
     options: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {"strict": True}
     header_source = _LineSource(file, bad, 0)
@@ -311,9 +334,9 @@ def _table_documents(
             f"{file}: no column {missing} among {header}; name the columns with --id-field / --text-field."
         )
     # A record read from `start` is a data row; from 0 the header comes first.
-    source = header_source if start == 0 else _LineSource(file, bad, start)
+    source = header_source if start.offset == 0 else _LineSource(file, bad, start.offset, start.line)
     reader = csv.reader(source, **options)
-    record = -1
+    record = start.record - 1
     while True:
         # csv.reader reads no further than one record, so the next line the source hands out starts this record.
         line, offset = source.next_line, source.next_offset
@@ -338,3 +361,46 @@ def _table_documents(
         if document is not None:
             yield document
 
+
+
+def _parquet_file(file: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(file)
+    except Exception as exc:  # pyarrow raises ArrowInvalid (a ValueError) or OSError for a file that is not parquet
+        raise ValueError(f"{file}: not a readable parquet file ({exc}).") from None
+
+
+def _parquet_documents(
+    file: Path, spec: CorpusSpec, shard: Shard, bad: _BadLines, start: Position, batch_rows: int = 1024
+) -> Iterator[Document]:
+    """Rows as jsonl records (the same id/text/title rules); reads only those columns, from the row group holding
+    `start.offset` on. A row's "line" is its 1-based row number, its offset the 0-based one."""
+    parquet = _parquet_file(file)
+    columns = parquet.schema_arrow.names
+    id_names = (spec.id_field,) if spec.id_field else _DEFAULT_ID_FIELDS
+    id_column = next((name for name in id_names if name in columns), None)
+    if id_column is None or spec.text_field not in columns:
+        missing = repr(spec.text_field) if id_column is not None else " or ".join(map(repr, id_names))
+        raise ValueError(
+            f"{file}: no column {missing} among {columns}; name the columns with --id-field / --text-field."
+        )
+    wanted = [id_column, spec.text_field] + ([spec.title_field] if spec.title_field in columns else [])
+    groups, row = [], 0  # the row groups from the one holding start.offset on; `row`: the first row they hold
+    for group in range(parquet.num_row_groups):
+        size = parquet.metadata.row_group(group).num_rows
+        if row + size > start.offset or groups:
+            groups.append(group)
+        else:
+            row += size
+    if not groups:
+        return
+    for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=wanted):
+        for values in batch.to_pylist():
+            row, record = row + 1, row  # a parquet file has no blank rows: record = 0-based row, line = 1-based
+            if record < start.offset or record not in shard:
+                continue
+            document = _document_from_row(values, spec, record, row, record, bad, columns)
+            if document is not None:
+                yield document

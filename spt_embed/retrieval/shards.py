@@ -103,7 +103,7 @@ def _blocks(documents: Iterable[Document], size: int) -> Iterator[list[Document]
         yield block
 
 
-class _Empty:
+class EmptyDocuments:
     """Documents with no text (after joining title and text), skipped and counted."""
 
     def __init__(self):
@@ -124,7 +124,7 @@ class _Empty:
             )
 
 
-class _Duplicates:
+class DuplicateIds:
     """Ids seen so far (id -> line); raises on a repeat or, with keep-first, drops and counts it."""
 
     def __init__(self, policy: OnDuplicate, source: str):
@@ -211,8 +211,8 @@ def encode_shard(
     records = count_records(corpus)
     total = None if records is None else max(0, (records - shard.index + shard.count - 1) // shard.count)
     source = f"{corpus.path} (shard {shard})"
-    duplicates = _Duplicates(parse_enum(OnDuplicate, meta.on_duplicate, "on_duplicate"), source)
-    empty = _Empty()
+    duplicates = DuplicateIds(parse_enum(OnDuplicate, meta.on_duplicate, "on_duplicate"), source)
+    empty = EmptyDocuments()
     blocks = 0
     with tqdm(total=total, unit="doc", desc=f"encode {Path(corpus.path).name} [{shard}]", dynamic_ncols=True) as bar:
         for number, block in enumerate(_blocks(iter_documents(corpus, shard), meta.block_size)):
