@@ -216,7 +216,7 @@ def test_existing_output_is_refused_before_any_work(tmp_path, monkeypatch):
     def no_work(*args, **kwargs):
         raise AssertionError("the merge started before refusing the output")
 
-    monkeypatch.setattr("spt_embed.retrieval.indexing.new_faiss_index", no_work)
+    monkeypatch.setattr("spt_embed.retrieval.indexing.new_index", no_work)
     with pytest.raises(FileExistsError, match="idx exists; nothing was written. Pass --overwrite"):
         run_cli(["index-merge", *shards, "--output", tmp_path / "idx", "--index-type", "IVF8,Flat"])
     with pytest.raises(FileExistsError, match="is not an index folder"):
