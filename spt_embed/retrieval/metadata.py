@@ -155,17 +155,23 @@ class ShardMetadata:
             raise ValueError(f"{path} is corrupted ({exc}).") from None
 
     def index_metadata(self, index_type: str) -> IndexMetadata:
-        return IndexMetadata(
-            fingerprint=self.fingerprint,
-            dimension=self.dimension,
-            model=self.model,
-            backbone_fingerprint=self.backbone_fingerprint,
-            index_type=index_type,
-            query_prompt=self.query_prompt,
-            prompt_routes=self.prompt_routes,
-            corpus=self.corpus,
-            dtype=self.dtype,
-        )
+        return index_metadata_from(self, index_type)
+
+
+def index_metadata_from(record, index_type: str) -> IndexMetadata:
+    """The IndexMetadata of an index built from the embeddings `record` describes (a ShardMetadata, or the
+    EmbeddingsMetadata of a folder of parquet blocks): the model, prompt, corpus and dtype fields they share."""
+    return IndexMetadata(
+        fingerprint=record.fingerprint,
+        dimension=record.dimension,
+        model=record.model,
+        backbone_fingerprint=record.backbone_fingerprint,
+        index_type=index_type,
+        query_prompt=record.query_prompt,
+        prompt_routes=record.prompt_routes,
+        corpus=record.corpus,
+        dtype=record.dtype,
+    )
 
 
 def read_json(path: Path) -> Any:

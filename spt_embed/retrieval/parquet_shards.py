@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from spt_embed.atomic import atomic_file, write_text
 from spt_embed.retrieval.faiss_factory import IndexType
-from spt_embed.retrieval.metadata import DEFAULT_BLOCK_SIZE, IndexMetadata, OnDuplicate
+from spt_embed.retrieval.metadata import DEFAULT_BLOCK_SIZE, IndexMetadata, OnDuplicate, index_metadata_from
 
 logger = logging.getLogger(__name__)
 
@@ -102,18 +102,9 @@ class EmbeddingsMetadata:
         return None
 
     def index_metadata(self, index_type: str) -> IndexMetadata:
-        return IndexMetadata(
-            fingerprint=self.fingerprint,
-            dimension=self.dimension,
-            model=self.model,
-            backbone_fingerprint=self.backbone_fingerprint,
-            index_type=index_type,
-            query_prompt=self.query_prompt,
-            prompt_routes=self.prompt_routes,
-            corpus=self.corpus,
-            dtype=self.dtype,
-            skipped_empty=self.skipped_empty,
-        )
+        metadata = index_metadata_from(self, index_type)
+        metadata.skipped_empty = self.skipped_empty
+        return metadata
 
 
 def block_path(folder: Path, number: int) -> Path:
