@@ -11,9 +11,13 @@
 2. evaluates it on the STS-B test split through mteb (`spt-embed eval`), next to that bundled adapter;
 3. saves, reloads and exports it as a plain SentenceTransformer and checks all give the same embeddings;
 4. encodes the first `--index-docs` SciFact documents (default 1,000; 0 for the whole corpus of 5,183) into a FAISS
-   index (OUTPUT/scifact.index; resumable if killed) and runs a search. `--index-dtype auto` (the default) encodes
-   in bfloat16 where the CPU multiplies it natively (AVX512-BF16 or AMX: about 2x faster, README "Speed"), else in
-   float32.
+   index (OUTPUT/scifact-MODEL.index; resumable if killed) and runs a search, with `--index-model`: by default
+   `trained`, the encoder of step 1, or any model spec, such as the bundled retrieval adapter
+   `smollm2-135m-retrieval` (documents through its `document` prompt at up to 512 tokens, the query through its
+   `query` prompt; README "Retrieval: query and document prompts"; its SciFact score is not measured yet, so it is
+   not the default).
+   `--index-dtype auto` (the default) encodes in bfloat16 where the CPU multiplies it natively (AVX512-BF16 or AMX:
+   about 2x faster, README "Speed"), else in float32.
 Steps that already have their output are reused on a rerun.
 """
 
@@ -37,6 +41,7 @@ from spt_embed.recipe import has_checkpoints
 RECIPE = Path(__file__).resolve().parents[1] / "train" / "configs" / "smollm2-nli.yaml"
 SENTENCES = ["A man is playing a flute.", "A man plays the flute.", "A woman is slicing an onion."]
 QUERY = "coronavirus spreads through aerosols"
+INDEX_MODEL = "trained"  # step 1's encoder; smollm2-135m-retrieval once its SciFact score is measured and better
 
 
 DEMO_STEPS = 60  # about 10 minutes of training on 2 cores (the whole recipe: 430 steps, about 75 minutes)
@@ -81,6 +86,11 @@ def main() -> None:
         "--index-docs", type=int, default=1000, help="index the first N SciFact documents (default 1000; 0: all 5,183)"
     )
     parser.add_argument(
+        "--index-model",
+        default=INDEX_MODEL,
+        help="encoder of the SciFact index: `trained` (step 1's encoder, the default) or a model spec",
+    )
+    parser.add_argument(
         "--index-dtype",
         choices=["auto", "float32", "bfloat16"],
         default="auto",
@@ -121,11 +131,12 @@ def main() -> None:
     print(f"      reloaded adapter max |diff| {np.abs(reloaded - emb).max():.2e}; plain export (no custom code) "
           f"max |diff| {np.abs(plain - emb).max():.2e}")
 
-    index_path = out / "scifact.index"
-    print(f"[4/4] SciFact corpus -> FAISS index {index_path} (encoding in {args.index_dtype})")
+    index_model = str(encoder) if args.index_model == "trained" else args.index_model
+    index_path = out / f"scifact-{Path(args.index_model).name}.index"  # one per encoder: never reuse another's
+    print(f"[4/4] SciFact corpus -> FAISS index {index_path} with {index_model} (encoding in {args.index_dtype})")
     if not index_path.exists():
         spt_embed.index_corpus(
-            str(encoder), corpus_file(out, args.index_docs), index_path, index_type="flat", dtype=args.index_dtype
+            index_model, corpus_file(out, args.index_docs), index_path, index_type="flat", dtype=args.index_dtype
         )
     index = spt_embed.load_index(index_path)
     hits = index.search([QUERY], 5)[0]
@@ -136,6 +147,7 @@ def main() -> None:
         "train_steps": args.train_steps or "recipe",
         "sts_b_test": scores,
         "index": str(index_path),
+        "index_model": index_model,
         "index_documents": index.metadata.count,
         "index_dtype": index.metadata.dtype,
         "minutes": (time.perf_counter() - start) / 60,

@@ -5,7 +5,8 @@
 
 1. `index_corpus` encodes data/beir_scifact/corpus.jsonl (5,183 docs, title + text as mteb joins them) into a flat
    (exact inner product) index; the 300 test queries are searched with `Index.search`; nDCG@10 is computed by
-   pytrec_eval (the implementation mteb uses) on the FAISS rankings.
+   pytrec_eval (the implementation mteb uses) on the FAISS rankings. A killed run resumes its encoding when rerun
+   (the blocks in INDEX.parts/; `resumed_from_parts` in the results then says that `encode_and_index_s` is partial).
 2. mteb's own SciFact evaluation (`mteb.evaluate` on the local task of spt_embed.evaluation.mteb_tasks) runs on the same
    model with its document/query encoders answered from the embeddings of step 1, looked up by exact text: a
    lookup miss (a text mteb builds differently) is encoded afresh and counted. Equal scores and zero misses show
@@ -155,6 +156,9 @@ def main() -> None:
     model = open_encoder(resolve_reference(args.model), dtype=args.dtype)
     start = time.perf_counter()
     if not (args.reuse_index and index_dir.exists()):
+        # A killed run left its encoded blocks in INDEX.parts/: index_corpus resumes them, and the time below then
+        # covers only the rest, so the record says so.
+        record["resumed_from_parts"] = (index_dir.parent / f"{index_dir.name}.parts").exists()
         index_corpus(model, folder / "corpus.jsonl", index_dir, index_type="flat", batch_size=args.batch_size,
                      query_prompt=args.query_prompt, overwrite=True, model_spec=args.model)
         record["encode_and_index_s"] = round(time.perf_counter() - start, 1)

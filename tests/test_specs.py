@@ -108,7 +108,12 @@ def test_reopenable(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "adapter, recipe", [("smollm2-135m-nli", "smollm2-nli.yaml"), ("smollm2-135m-nli-deep", "smollm2-nli-deep.yaml")]
+    "adapter, recipe",
+    [
+        ("smollm2-135m-nli", "smollm2-nli.yaml"),
+        ("smollm2-135m-nli-deep", "smollm2-nli-deep.yaml"),
+        ("smollm2-135m-retrieval", "smollm2-retrieval.yaml"),
+    ],
 )
 def test_bundled_adapter_was_trained_by_its_recipe(adapter, recipe):
     """A bundled adapter ships with the resolved options it was trained with; the recipe the README names for it must
