@@ -319,6 +319,19 @@ class _LineSource:
         return "\n" if text is None else text + "\n"
 
 
+def _id_column(file: Path, spec: CorpusSpec, columns: list[str]) -> str:
+    """The id column of a table corpus (csv / tsv / parquet) with these `columns`, once it and the text column are
+    known to be there; if one is missing, an error names it and the flags that name the columns."""
+    id_names = (spec.id_field,) if spec.id_field else _DEFAULT_ID_FIELDS
+    id_column = next((name for name in id_names if name in columns), None)
+    if id_column is None or spec.text_field not in columns:
+        missing = repr(spec.text_field) if id_column is not None else " or ".join(map(repr, id_names))
+        raise ValueError(
+            f"{file}: no column {missing} among {columns}; name the columns with --id-field / --text-field."
+        )
+    return id_column
+
+
 def _table_documents(file: Path, spec: CorpusSpec, shard: Shard, bad: _BadLines, start: Position) -> Iterator[Document]:
     tsv = spec.format is CorpusFormat.TSV
     options: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {"strict": True}
@@ -326,13 +339,7 @@ def _table_documents(file: Path, spec: CorpusSpec, shard: Shard, bad: _BadLines,
     header = next(csv.reader(header_source, **options), None)
     if not header:
         raise ValueError(f"{file}: no header row; a {spec.format.value} corpus needs one naming its columns.")
-    id_names = (spec.id_field,) if spec.id_field else _DEFAULT_ID_FIELDS
-    id_column = next((name for name in id_names if name in header), None)
-    if id_column is None or spec.text_field not in header:
-        missing = repr(spec.text_field) if id_column is not None else " or ".join(map(repr, id_names))
-        raise ValueError(
-            f"{file}: no column {missing} among {header}; name the columns with --id-field / --text-field."
-        )
+    id_column = _id_column(file, spec, header)
     # A record read from `start` is a data row; from 0 the header comes first.
     source = header_source if start.offset == 0 else _LineSource(file, bad, start.offset, start.line)
     reader = csv.reader(source, **options)
@@ -379,13 +386,7 @@ def _parquet_documents(
     `start.offset` on. A row's "line" is its 1-based row number, its offset the 0-based one."""
     parquet = _parquet_file(file)
     columns = parquet.schema_arrow.names
-    id_names = (spec.id_field,) if spec.id_field else _DEFAULT_ID_FIELDS
-    id_column = next((name for name in id_names if name in columns), None)
-    if id_column is None or spec.text_field not in columns:
-        missing = repr(spec.text_field) if id_column is not None else " or ".join(map(repr, id_names))
-        raise ValueError(
-            f"{file}: no column {missing} among {columns}; name the columns with --id-field / --text-field."
-        )
+    id_column = _id_column(file, spec, columns)
     wanted = [id_column, spec.text_field] + ([spec.title_field] if spec.title_field in columns else [])
     groups, row = [], 0  # the row groups from the one holding start.offset on; `row`: the first row they hold
     for group in range(parquet.num_row_groups):
