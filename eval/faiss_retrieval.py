@@ -175,7 +175,7 @@ def main() -> None:
     query_vectors = flat.encode_queries(query_texts, batch_size=args.batch_size)
     record["encode_queries_s"] = round(time.perf_counter() - start, 1)
     # Only now: FAISS and torch share one OpenMP runtime, so setting FAISS's threads before the encoding would have
-    # run the encoder on --threads threads too (measured: one core busy of two, about half the speed).
+    # run the encoder on --threads threads too (seen with --threads 1: load average 1.0 on this 2-core machine).
     faiss.omp_set_num_threads(args.threads)
     flat_hits, flat_batched, flat_single = timed_search(flat, query_vectors, 10)
     record.update(
