@@ -46,6 +46,28 @@ def add_export_parser(subparsers) -> None:
     exp.add_argument(
         "--overwrite", action="store_true", help="replace an earlier export (a folder holding spt_export.json)"
     )
+    exp.add_argument(
+        "--backend",
+        choices=["torch", "onnx", "openvino"],
+        default="torch",
+        help="torch (default): the plain folder; onnx / openvino: also the files SentenceTransformer(OUT, "
+        "backend=...) loads, made by sentence-transformers' exporters (needs pip install 'spt-embed[onnx]' or "
+        "'spt-embed[openvino]')",
+    )
+    exp.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="int8 model files for --backend onnx (ONNX Runtime dynamic quantisation) or openvino (NNCF static "
+        "quantisation, calibrated on --calibration)",
+    )
+    exp.add_argument(
+        "--calibration",
+        default=None,
+        metavar="TEXTS",
+        help="texts (formats as encode --input, field 'text') that --backend openvino --quantize int8 calibrates "
+        "on (default: 300 STS-B train sentences)",
+    )
     exp.set_defaults(func=run_export)
 
 
@@ -154,7 +176,20 @@ def _print_rows(rows: list[tuple[str, str]]) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
+    from spt_embed.cli.texts import read_texts
     from spt_embed.model.export import export
 
-    out = export(args.model, args.output, overwrite=args.overwrite)
-    print(f"exported {args.model} to {out}: load it with SentenceTransformer({str(out)!r})")
+    calibration = read_texts(args.calibration) if args.calibration else None
+    try:
+        out = export(
+            args.model,
+            args.output,
+            overwrite=args.overwrite,
+            backend=args.backend,
+            quantize=args.quantize,
+            calibration_texts=calibration,
+        )
+    except ImportError as exc:  # a backend's optional packages: reported like the command's other errors
+        raise ValueError(str(exc)) from exc
+    backend = "" if args.backend == "torch" else f", backend={args.backend!r}"
+    print(f"exported {args.model} to {out}: load it with SentenceTransformer({str(out)!r}{backend})")

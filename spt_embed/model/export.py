@@ -9,13 +9,27 @@ into the export's sentence-transformers prompts.
 Every export holds `spt_export.json` (the spt-embed version, the adapter exported, the soft tokens' names): the
 mark by which `overwrite=True` recognises a folder it may replace. Any other non-empty folder, and any output that
 is, contains or lies inside the adapter's own folder, is refused before anything is written.
+
+`backend="onnx"` / `"openvino"` add, beside the PyTorch weights, the files that sentence-transformers'
+`SentenceTransformer(out, backend="onnx" | "openvino")` loads (`onnx/model.onnx`, `openvino/openvino_model.xml`),
+made by sentence-transformers' own exporters (through Optimum): nothing here converts a model itself.
+`quantize="int8"` makes that default file int8: ONNX Runtime dynamic quantisation (weights int8, activations
+quantised on the fly; the preset for this machine's CPU), or OpenVINO static post-training quantisation through
+NNCF (weights and activations, calibrated on `calibration_texts`, by default 300 STS-B train sentences). After
+writing, the backend model encodes a few probe texts and is compared with the PyTorch export; the cosine is recorded
+in `spt_export.json`, and an unquantised backend model below 0.999 is an error.
 """
 
 from __future__ import annotations
 
+import enum
+import importlib
+import json
 import logging
 import os
+import platform
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,6 +47,111 @@ from spt_embed.model.module import SuffixPromptModule
 logger = logging.getLogger(__name__)
 
 EXPORT_MARKER = "spt_export.json"
+
+
+class ExportBackend(str, enum.Enum):
+    """The runtime an export is made for; each also loads with `SentenceTransformer(out, backend=value)`."""
+
+    TORCH = "torch"
+    ONNX = "onnx"
+    OPENVINO = "openvino"
+
+
+QUANTIZE_CHOICES = ("int8",)
+# What sentence-transformers' loaders and exporters import for each backend: (module, name in it or None). Optimum
+# imports lazily, so a package built for other transformers versions fails only when the name itself is imported.
+BACKEND_MODULES = {
+    ExportBackend.ONNX: (
+        ("onnxruntime", None),
+        ("optimum.onnxruntime", "ORTModelForFeatureExtraction"),
+        ("optimum.onnxruntime", "ORTQuantizer"),
+        ("optimum.exporters.onnx", "main_export"),
+    ),
+    ExportBackend.OPENVINO: (
+        ("openvino", None),
+        ("nncf", None),
+        ("optimum.intel.openvino", "OVModelForFeatureExtraction"),
+        ("optimum.intel.openvino", "OVQuantizer"),
+        ("optimum.exporters.openvino", "main_export"),
+    ),
+}
+BACKEND_EXTRAS = {ExportBackend.ONNX: "onnx", ExportBackend.OPENVINO: "openvino"}
+BACKEND_NAMES = {ExportBackend.ONNX: "ONNX Runtime and Optimum", ExportBackend.OPENVINO: "OpenVINO, NNCF and Optimum Intel"}
+# Where sentence-transformers looks for each backend's model file by default.
+BACKEND_FILES = {ExportBackend.ONNX: "onnx/model.onnx", ExportBackend.OPENVINO: "openvino/openvino_model.xml"}
+CALIBRATION_SAMPLES = 300  # sentence-transformers' default for OpenVINO static quantisation
+FP32_MIN_COSINE = 0.999
+PROBE_TEXTS = (
+    "A man is playing a flute.",
+    "The dog runs quickly in the park.",
+    "hello",
+    "A small red cat sleeps on the roof of the big blue house while the child eats.",
+)
+
+
+def parse_backend(backend: str | ExportBackend, quantize: str | None) -> ExportBackend:
+    """The backend as an ExportBackend, after checking that it and `quantize` are known and go together."""
+    try:
+        backend = ExportBackend(backend)
+    except ValueError:
+        choices = ", ".join(b.value for b in ExportBackend)
+        raise ValueError(f"Unknown export backend {backend!r}; choose one of {choices} (nothing was written).") from None
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise ValueError(
+            f"Unknown quantize option {quantize!r}; the one offered is {', '.join(QUANTIZE_CHOICES)} (with backend "
+            f"'onnx' or 'openvino'), or none for float32 (nothing was written)."
+        )
+    if quantize is not None and backend is ExportBackend.TORCH:
+        raise ValueError(
+            f"quantize={quantize!r} needs backend 'onnx' or 'openvino': the PyTorch export keeps the adapter's weights "
+            f"as they are. Pass backend='onnx' or 'openvino' (CLI: --backend onnx), or drop quantize and encode "
+            f"the PyTorch export in bfloat16 (nothing was written)."
+        )
+    return backend
+
+
+def backend_problem(backend: ExportBackend) -> str | None:
+    """Why the backend's packages cannot be used here (not installed, or failing to import), or None if they can."""
+    for name, attribute in BACKEND_MODULES.get(backend, ()):
+        try:
+            module = importlib.import_module(name)
+            if attribute is not None:
+                getattr(module, attribute)
+        except Exception as exc:  # a package built for other library versions can fail with more than ImportError
+            missing = isinstance(exc, ModuleNotFoundError) and exc.name is not None and name.startswith(exc.name)
+            where = name if attribute is None else f"{name}.{attribute}"
+            return f"{name} is not installed" if missing else f"{where} fails to import ({type(exc).__name__}: {exc})"
+    return None
+
+
+def require_backend(backend: ExportBackend) -> None:
+    """An ImportError naming the pip extra when the backend's packages cannot be used."""
+    problem = backend_problem(backend)
+    if problem is not None:
+        raise ImportError(
+            f"backend={backend.value!r} needs {BACKEND_NAMES[backend]}, which sentence-transformers runs it through, "
+            f"but {problem}. Install them with: pip install 'spt-embed[{BACKEND_EXTRAS[backend]}]' (nothing was "
+            f"written)."
+        )
+
+
+def onnx_int8_preset() -> str:
+    """sentence-transformers' name of the ONNX Runtime dynamic int8 preset for this machine's CPU."""
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        return "arm64"
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:  # not Linux: the preset every x86-64 CPU of the last decade runs
+        pass
+    if "avx512_vnni" in flags:
+        return "avx512_vnni"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2"  # 7-bit weights (reduce_range): no overflow on CPUs without VNNI
 
 
 def soft_token_names(num_tokens: int, vocab: dict[str, int]) -> list[str]:
@@ -55,12 +174,29 @@ def _special_tokens_around_text(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def export(
-    adapter: str | os.PathLike | SentenceTransformer, output: str | os.PathLike, *, overwrite: bool = False
+    adapter: str | os.PathLike | SentenceTransformer,
+    output: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    backend: str | ExportBackend = ExportBackend.TORCH,
+    quantize: str | None = None,
+    calibration_texts: Sequence[str] | None = None,
 ) -> Path:
     """Write a self-contained plain SentenceTransformer folder equivalent to the adapter; returns its path.
 
     `output` must be new, empty, or (with `overwrite`) an earlier export; never the adapter's folder, inside it, or
-    around it."""
+    around it. `backend` "onnx" or "openvino" adds that runtime's model files (needs the extra of that name), which
+    `SentenceTransformer(output, backend=backend)` loads; `quantize="int8"` makes them int8. `calibration_texts`:
+    the texts OpenVINO's static int8 quantisation calibrates on (default: 300 STS-B train sentences)."""
+    backend = parse_backend(backend, quantize)
+    if calibration_texts is not None and not (backend is ExportBackend.OPENVINO and quantize):
+        raise ValueError(
+            "calibration_texts (CLI: --calibration) is used by backend='openvino' with quantize='int8' only; drop it "
+            "or pass those (nothing was written)."
+        )
+    if backend is not ExportBackend.TORCH:
+        require_backend(backend)
+    calibration = _calibration_texts(calibration_texts) if backend is ExportBackend.OPENVINO and quantize else None
     out = Path(output).expanduser()
     if isinstance(adapter, SentenceTransformer):
         source = None
@@ -116,9 +252,38 @@ def export(
 
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()  # an empty folder is free to take; atomic_folder replaces only a folder of its own kind
-    atomic_folder(out, lambda folder: _write_plain(model, folder, source), overwrite=overwrite, marker=EXPORT_MARKER)
-    logger.info("Exported %s to %s (plain SentenceTransformer, %d soft tokens)", adapter, out, module.num_tokens)
+
+    def write(folder: Path) -> None:
+        record = _write_plain(model, folder, source)
+        if backend is not ExportBackend.TORCH:
+            record.update(_write_backend(folder, backend, quantize, calibration))
+            write_json(folder / EXPORT_MARKER, record)
+
+    atomic_folder(out, write, overwrite=overwrite, marker=EXPORT_MARKER)
+    logger.info(
+        "Exported %s to %s (plain SentenceTransformer, %d soft tokens; backend %s%s)",
+        adapter, out, module.num_tokens, backend.value, f", {quantize}" if quantize else "",
+    )
     return out
+
+
+def _calibration_texts(texts: Sequence[str] | None) -> list[str]:
+    """The texts OpenVINO's static quantisation calibrates on: those given, or the first STS-B train sentences."""
+    if texts is None:
+        from spt_embed.datafiles import load_sts
+
+        try:
+            first, _, _ = load_sts("train")
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                f"OpenVINO int8 calibrates on STS-B train sentences by default, which are not available here ({exc}). "
+                f"Pass calibration_texts (CLI: --calibration FILE) with a few hundred texts like those you will encode."
+            ) from None
+        texts = first[:CALIBRATION_SAMPLES]
+    texts = [str(text) for text in texts if str(text).strip()]
+    if not texts:
+        raise ValueError("calibration_texts holds no non-empty text; pass a few hundred texts like those you will encode.")
+    return texts[:CALIBRATION_SAMPLES]
 
 
 def _check_output(source: Path | None, out: Path, *, overwrite: bool) -> None:
@@ -147,10 +312,10 @@ def _check_output(source: Path | None, out: Path, *, overwrite: bool) -> None:
             )
 
 
-def _write_plain(model: SentenceTransformer, folder: Path, source: Path | None) -> None:
+def _write_plain(model: SentenceTransformer, folder: Path, source: Path | None) -> dict:
     """Fill `folder` with the plain SentenceTransformer and its `spt_export.json` (`source`: the adapter's folder,
-    None for a model passed in memory). It is built from a reloaded copy of the backbone, so the encoder in memory
-    stays untouched."""
+    None for a model passed in memory), and return that record. It is built from a reloaded copy of the backbone, so
+    the encoder in memory stays untouched."""
     from transformers import AutoModel, AutoTokenizer
 
     from spt_embed.model.backbone import ensure_pad_token
@@ -193,3 +358,91 @@ def _write_plain(model: SentenceTransformer, folder: Path, source: Path | None) 
     plain.save(str(folder))
     record = {"spt_embed_version": __version__, "adapter": str(source) if source else None, "soft_tokens": names}
     write_json(folder / EXPORT_MARKER, record)
+    return record
+
+
+def _write_backend(folder: Path, backend: ExportBackend, quantize: str | None, calibration: list[str] | None) -> dict:
+    """Add the backend's default model file to the plain export in `folder` with sentence-transformers' exporters,
+    check it against the PyTorch export on the probe texts, and return what the export record notes about it."""
+    expected = SentenceTransformer(str(folder), device="cpu").encode(list(PROBE_TEXTS), convert_to_tensor=True)
+    if backend is ExportBackend.ONNX:
+        quantization = _write_onnx(folder, quantize)
+    else:
+        quantization = _write_openvino(folder, quantize, calibration)
+    loaded = SentenceTransformer(str(folder), backend=backend.value, device="cpu")
+    got = loaded.encode(list(PROBE_TEXTS), convert_to_tensor=True)
+    cosine = torch.nn.functional.cosine_similarity(got.float().cpu(), expected.float().cpu(), dim=-1).min().item()
+    logger.info("%s export: min cosine %.6f to the PyTorch export on %d probe texts", backend.value, cosine, len(got))
+    if quantize is None and cosine < FP32_MIN_COSINE:
+        raise ValueError(
+            f"The {backend.value} model disagrees with the PyTorch export (min cosine {cosine:.6f} < {FP32_MIN_COSINE} "
+            f"on {len(got)} probe texts): the conversion is wrong for this backbone. Use backend='torch' (nothing was "
+            f"written)."
+        )
+    return {
+        "backend": backend.value,
+        "backend_file": BACKEND_FILES[backend],
+        "quantization": quantization,
+        "probe_min_cosine_to_torch": round(cosine, 6),
+    }
+
+
+def _write_onnx(folder: Path, quantize: str | None) -> str | None:
+    """onnx/model.onnx: Optimum's float32 export, or ONNX Runtime's dynamic int8 quantisation of it."""
+    from sentence_transformers.backend import export_dynamic_quantized_onnx_model
+
+    model = SentenceTransformer(str(folder), backend="onnx", device="cpu")  # no onnx file yet: Optimum exports
+    if quantize is None:
+        _save_backend_files(model, folder, "onnx")
+        return None
+    preset = onnx_int8_preset()
+    export_dynamic_quantized_onnx_model(model, preset, str(folder), file_suffix="int8")
+    _make_default(folder / "onnx", "model_int8.onnx", "model.onnx")
+    return f"onnxruntime dynamic int8 ({preset} preset)"
+
+
+def _write_openvino(folder: Path, quantize: str | None, calibration: list[str] | None) -> str | None:
+    """openvino/openvino_model.xml (+ .bin): Optimum Intel's float32 export, or NNCF's static int8 quantisation of
+    it calibrated on `calibration`."""
+    # load_in_8bit=False: Optimum Intel otherwise compresses the weights of models over 1B parameters to int8 unasked.
+    model = SentenceTransformer(str(folder), backend="openvino", device="cpu", model_kwargs={"load_in_8bit": False})
+    if quantize is None:
+        _save_backend_files(model, folder, "openvino")
+        return None
+    from optimum.intel.openvino import OVQuantizationConfig
+    from sentence_transformers.backend import export_static_quantized_openvino_model
+
+    # A local dataset folder: sentence-transformers' exporter loads its calibration set with datasets.load_dataset.
+    data = folder / "_calibration"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in calibration), encoding="utf-8")
+    export_static_quantized_openvino_model(
+        model,
+        OVQuantizationConfig(num_samples=len(calibration)),
+        str(folder),
+        dataset_name=str(data),
+        dataset_config_name="default",
+        dataset_split="train",
+        column_name="text",
+        file_suffix="int8",
+    )
+    shutil.rmtree(data)
+    _make_default(folder / "openvino", "openvino_model_int8.xml", "openvino_model.xml")
+    _make_default(folder / "openvino", "openvino_model_int8.bin", "openvino_model.bin")
+    return f"openvino static int8 (NNCF post-training quantisation, {len(calibration)} calibration texts)"
+
+
+def _save_backend_files(model: SentenceTransformer, folder: Path, subfolder: str) -> None:
+    """Move the backend model's own files (`subfolder`/) into the export; the plain export's config, tokenizer and
+    modules stay as written."""
+    scratch = folder / f"_{subfolder}_export"
+    model.transformers_model.save_pretrained(str(scratch))  # sentence-transformers saves these into scratch/subfolder
+    os.replace(scratch / subfolder, folder / subfolder)
+    shutil.rmtree(scratch)
+
+
+def _make_default(directory: Path, name: str, default: str) -> None:
+    """Give the quantised file the name sentence-transformers loads by default (no float32 file was saved beside
+    it), so that `SentenceTransformer(out, backend=...)` loads it without `model_kwargs={"file_name": ...}`. Weights
+    an ONNX file over 2 GB keeps beside itself are found through the location recorded inside it, which stays valid."""
+    os.replace(directory / name, directory / default)
