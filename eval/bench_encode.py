@@ -149,6 +149,7 @@ def main() -> None:
         record: dict = {
             "model": "tiny random llama (--smoke)" if args.smoke else args.model,
             "torch": torch.__version__,
+            "versions": package_versions(),
             "torch_threads": torch.get_num_threads(),
             "machine": platform.processor() or platform.machine(),
             "batch_size": BATCH,
@@ -191,6 +192,19 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"written to {out}")
+
+
+def package_versions() -> dict[str, str | None]:
+    """The versions the forms ran on (the openvino extra pins an older transformers than the core install)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in ("transformers", "sentence-transformers", "openvino", "optimum-intel", "nncf", "onnxruntime"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def table(record: dict) -> str:
