@@ -19,16 +19,7 @@ import numpy as np
 import torch
 
 import spt_embed
-from spt_embed.datafiles import data_root, load_sts
-
-
-def scifact_docs(limit: int) -> list[str]:
-    docs = []
-    with (data_root() / "beir_scifact" / "corpus.jsonl").open(encoding="utf-8") as handle:
-        for line, _ in zip(handle, range(limit)):
-            row = json.loads(line)
-            docs.append(f"{row.get('title', '')} {row['text']}".strip())
-    return docs
+from spt_embed.datafiles import load_sts, scifact_documents
 
 
 def stsb_sentences(limit: int) -> list[str]:
@@ -43,7 +34,7 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=512)
     parser.add_argument("--out", default="eval/results/bench_dtype.json")
     args = parser.parse_args()
-    sets = {"scifact_docs": scifact_docs(args.docs), "stsb_sentences": stsb_sentences(args.sentences)}
+    sets = {"scifact_docs": scifact_documents(args.docs), "stsb_sentences": stsb_sentences(args.sentences)}
     record: dict = {"model": args.model, "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "machine": platform.processor() or platform.machine(), "sets": {}}
     embeddings: dict[tuple[str, str], np.ndarray] = {}

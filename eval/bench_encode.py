@@ -34,7 +34,7 @@ from scipy.stats import spearmanr
 from sentence_transformers import SentenceTransformer
 
 import spt_embed
-from spt_embed.datafiles import data_root, load_sts
+from spt_embed.datafiles import load_sts, scifact_documents
 from spt_embed.model.encoder import open_encoder
 
 REFERENCE = "adapter-fp32"
@@ -51,15 +51,6 @@ FORMS = (REFERENCE, "adapter-bf16", *EXPORTS, REFERENCE_ENCODER)
 BATCH = 32
 
 logger = logging.getLogger("bench_encode")
-
-
-def scifact_docs(limit: int) -> list[str]:
-    docs = []
-    with (data_root() / "beir_scifact" / "corpus.jsonl").open(encoding="utf-8") as handle:
-        for line, _ in zip(handle, range(limit)):
-            row = json.loads(line)
-            docs.append(f"{row.get('title', '')} {row['text']}".strip())
-    return docs
 
 
 def tiny_adapter(folder: Path, texts: list[str]) -> Path:
@@ -139,7 +130,7 @@ def main() -> None:
     pairs, docs = (args.pairs or 64, min(args.docs, 16)) if args.smoke else (args.pairs, args.docs)
     first, second, gold = load_sts("test")
     first, second, gold = first[:pairs], second[:pairs], gold[:pairs]
-    sets = {"stsb_test": first + second, "scifact_docs": scifact_docs(docs)}
+    sets = {"stsb_test": first + second, "scifact_docs": scifact_documents(docs)}
     out = Path(args.out or ("out/bench_encode_smoke.json" if args.smoke else "eval/results/bench_encode.json"))
     forms = [REFERENCE, *(form for form in FORMS if form in args.forms and form != REFERENCE)]
 

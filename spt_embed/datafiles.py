@@ -123,3 +123,9 @@ def load_sts(split: str = "dev") -> tuple[list[str], list[str], list[float]]:
     if split not in STS_SPLITS:
         raise ValueError(f"STS-B split {split!r} does not exist; choose one of {', '.join(STS_SPLITS)}.")
     return read_stsb(data_file(f"stsb/sts-{split}.csv"))
+
+
+def scifact_documents(limit: int | None = None) -> list[str]:
+    """The first `limit` (default: all) BEIR SciFact corpus documents as mteb joins them: title, a space, text."""
+    rows = read_jsonl_fields(data_file("beir_scifact/corpus.jsonl"), ("title", "text"))
+    return [f"{row['title']} {row['text']}".strip() for row in rows[:limit]]

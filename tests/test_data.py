@@ -582,6 +582,23 @@ def test_data_root_default_and_override(tmp_path, monkeypatch):
         load_pairs("snli-triplets")
 
 
+def test_scifact_documents_join_title_and_text_in_file_order(tmp_path, monkeypatch):
+    from spt_embed.datafiles import scifact_documents
+
+    assert scifact_documents(2) == scifact_documents()[:2]
+    (tmp_path / "beir_scifact").mkdir()
+    (tmp_path / "beir_scifact" / "corpus.jsonl").write_text(
+        '{"_id": "1", "title": "T", "text": "a b"}\n\n{"_id": "2", "title": "", "text": "c"}\n{"_id": "3", "title": "U", "text": "d"}\n',
+        encoding="utf-8",
+    )
+    monkeypatch.setenv(datafiles.DATA_ENV, str(tmp_path))
+    assert scifact_documents() == ["T a b", "c", "U d"]
+    assert scifact_documents(2) == ["T a b", "c"]
+    (tmp_path / "beir_scifact" / "corpus.jsonl").write_text('{"_id": "1", "text": "a"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:1: fields \['title'\] missing"):
+        scifact_documents()
+
+
 @pytest.mark.parametrize(
     ("content", "error"),
     [
