@@ -17,6 +17,7 @@ import inspect
 from collections.abc import Callable
 
 import torch
+from torch.profiler import record_function
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -48,21 +49,23 @@ def fast_forward(
     `soft_scope`: entered around the soft pass only (where a deep suffix's per-layer hooks act)."""
     packed, positions, index = pack_texts(input_ids, attention_mask, pack_tokens, pad_token_id)
     dtype = backbone.get_input_embeddings().weight.dtype
-    with torch.no_grad():
+    # The record_function scopes name the three parts in a torch.profiler trace (train/profile_step.py).
+    with torch.no_grad(), record_function("spt_embed.fast_path.text_pass"):
         # Each packed text attends only to itself: transformers builds that block-causal mask from position ids
         # that restart at 0, but only without a cache, so build it here and hand it over ready-made.
         shape_only = torch.empty(*packed.shape, 0, dtype=dtype, device=packed.device)  # (R, C, 0)
         block_mask = create_causal_mask(backbone.config, shape_only, None, None, position_ids=positions)
         text_out = backbone(input_ids=packed, position_ids=positions, attention_mask=block_mask, use_cache=True)
     cache_arg = _cache_argument(backbone)
-    cache = DynamicCache(
-        ddp_cache_data=[(unpack_states(k, index), unpack_states(v, index)) for k, v, *_ in text_out[cache_arg]],
-        config=backbone.config,
-    )
+    with record_function("spt_embed.fast_path.unpack"):
+        cache = DynamicCache(
+            ddp_cache_data=[(unpack_states(k, index), unpack_states(v, index)) for k, v, *_ in text_out[cache_arg]],
+            config=backbone.config,
+        )
     batch, num_tokens = input_ids.shape[0], soft_prompt.shape[0]
     soft = expand_soft_prompt(soft_prompt, batch, dtype)  # (B, K, H)
     full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, num_tokens)], dim=1)  # (B, L+K)
-    with soft_scope():
+    with soft_scope(), record_function("spt_embed.fast_path.soft_pass"):
         return backbone(
             inputs_embeds=soft,
             attention_mask=full_mask,
