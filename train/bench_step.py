@@ -59,10 +59,13 @@ def memory_mb(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int, texts: str, pack_tokens: int,
-          device: str = "cpu", backbone: str = "smollm2-135m") -> dict:
+def build_step(mode: str, kind: str, batch_size: int, num_tokens: int, texts: str, pack_tokens: int,
+               device: str = "cpu", backbone: str = "smollm2-135m"):
+    """The model, batch features, trained parameters and one-step function of `mode` (also used by profile_step.py).
+    The step's parts carry record_function scopes, which name them in a torch.profiler trace."""
     import torch
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from torch.profiler import record_function
 
     import spt_embed
     torch.manual_seed(0)
@@ -108,10 +111,21 @@ def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int, te
                     module(dict(feats))
             return
         optimizer.zero_grad()
-        loss = loss_fn([dict(f) for f in features], None)
-        loss.backward()
-        optimizer.step()
+        with record_function("step.forward_and_loss"):
+            loss = loss_fn([dict(f) for f in features], None)
+        with record_function("step.backward"):
+            loss.backward()
+        with record_function("step.optimizer"):
+            optimizer.step()
 
+    return step, model, features, params
+
+
+def child(mode: str, kind: str, batch_size: int, steps: int, num_tokens: int, texts: str, pack_tokens: int,
+          device: str = "cpu", backbone: str = "smollm2-135m") -> dict:
+    import torch
+
+    step, _, features, params = build_step(mode, kind, batch_size, num_tokens, texts, pack_tokens, device, backbone)
     cuda = device.startswith("cuda")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     rss_before = memory_mb("VmRSS")

@@ -4,7 +4,7 @@ of the tensors autograd saves for backward, grouped by shape.
     python train/profile_step.py                       # fast and forward, 32 pairs; writes train/results/profile_step.json
     python train/profile_step.py --modes fast full --kind triplets
 
-For each mode (same batch, model and optimiser as bench_step.py's child), after one warm-up step:
+For each mode (the batch, model, optimiser and step of bench_step.py's build_step), after one warm-up step:
   scopes        the step's parts (forward and loss, backward, optimiser) and the fast path's passes (text pass,
                 unpacking of its keys/values, soft pass), inclusive CPU time per step and share of the step
   ops           the top `--top` operators by self CPU time over `--steps` profiled steps (torch.profiler), with their
@@ -27,46 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import KINDS  # noqa: E402
-
-
-def build(mode: str, kind: str, num_tokens: int, pack_tokens: int):
-    """bench_step's model, features and step function for `mode` (forward, full, fast, deep-suffix)."""
-    import torch
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-    from torch.profiler import record_function
-
-    import spt_embed
-    from bench_step import batch_rows
-
-    torch.manual_seed(0)
-    rows = batch_rows("snli", 32)
-    model = spt_embed.SuffixPromptEncoder.from_backbone(
-        "smollm2-135m", num_tokens=num_tokens, method="deep-suffix" if mode == "deep-suffix" else "suffix"
-    )
-    module = model.prompt_module
-    module.pack_tokens = pack_tokens
-    if mode != "forward":  # forward keeps the default (auto: the full pass under no_grad), as in bench_step.py
-        module.forward_path = spt_embed.ForwardPath.FULL if mode == "full" else spt_embed.ForwardPath.FAST
-    features = [module.preprocess(rows[column]) for column in KINDS[kind]]
-    loss_fn = MultipleNegativesRankingLoss(model, scale=20.0)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-
-    def step() -> None:
-        if mode == "forward":
-            with torch.no_grad():
-                for feats in features:
-                    module(dict(feats))
-            return
-        optimizer.zero_grad()
-        with record_function("step.forward_and_loss"):
-            loss = loss_fn([dict(f) for f in features], None)
-        with record_function("step.backward"):
-            loss.backward()
-        with record_function("step.optimizer"):
-            optimizer.step()
-
-    return step, model
+from bench_step import KINDS, MODES, build_step  # noqa: E402
 
 
 def saved_tensors(step, model) -> list[dict]:
@@ -117,8 +78,7 @@ def operators(step, steps: int, top: int) -> tuple[list[dict], list[dict]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", nargs="+", default=["fast", "forward"],
-                        choices=["forward", "full", "fast", "deep-suffix"])
+    parser.add_argument("--modes", nargs="+", default=["fast", "forward"], choices=MODES)
     parser.add_argument("--kind", choices=sorted(KINDS), default="pairs")
     parser.add_argument("--steps", type=int, default=2, help="profiled steps per mode (default 2)")
     parser.add_argument("--top", type=int, default=20, help="operators to keep per mode (default 20)")
@@ -133,7 +93,7 @@ def main() -> None:
               "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__},
               "kind": args.kind, "num_tokens": args.num_tokens, "pack_tokens": args.pack_tokens, "modes": {}}
     for mode in args.modes:
-        step, model = build(mode, args.kind, args.num_tokens, args.pack_tokens)
+        step, model, _, _ = build_step(mode, args.kind, 32, args.num_tokens, "snli", args.pack_tokens)
         step()  # warm-up
         ops, scopes = operators(step, args.steps, args.top)
         result = {"scopes": scopes, "ops": ops}
