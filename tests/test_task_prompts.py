@@ -257,3 +257,26 @@ def test_retrieval_dev_rows_are_held_out_and_can_select(tmp_path, backbones, dat
     symmetric = train_config(tmp_path, backbones["llama"], retrieval_dev_rows=8)
     with pytest.raises(ValueError, match="no training source is a retrieval source"):
         split_retrieval_dev(load_datasets(symmetric), symmetric)
+
+
+def test_oversample_repeats_a_source_after_its_dev_rows_are_held_out(tmp_path, backbones, data_root):
+    from spt_embed.training.train import load_datasets, oversample, split_retrieval_dev
+
+    qa = str(qa_pairs(tmp_path / "qa.jsonl", n=56))
+    other = str(qa_pairs(tmp_path / "other.jsonl", n=40))
+    cfg = train_config(tmp_path, backbones["llama"], data=[other, qa], retrieval_data=[qa], tasks=TASKS,
+                       retrieval_dev_rows=8, oversample=[f"{qa}=3"])
+    train, held_out = split_retrieval_dev(load_datasets(cfg), cfg)
+    mixed = oversample(train, cfg)
+    assert len(mixed["qa"]) == 3 * len(train["qa"]) == 144 and len(mixed["other"]) == 40
+    assert sorted(mixed["qa"]["anchor"]) == sorted(list(train["qa"]["anchor"]) * 3)
+    assert not set(mixed["qa"]["anchor"]) & set(held_out["qa"]["anchor"])  # dev rows are not repeated into training
+    assert oversample(train, train_config(tmp_path, backbones["llama"], data=[other, qa])) is train  # no-op unset
+    base = dict(output=str(tmp_path / "o"), eval_steps=0, data=["snli-triplets", "squad-qa"])
+    assert TrainConfig(oversample=["squad-qa=16"], **base).oversample_factors() == {"squad-qa": 16}
+    for bad, message in (("squad-qa", "expected SOURCE=N"), ("squad-qa=0", "expected SOURCE=N"),
+                         ("squad-qa=1.5", "expected SOURCE=N"), ("scifact-train=4", "not among the training sources")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(oversample=[bad], **base)
+    with pytest.raises(ValueError, match="twice"):
+        TrainConfig(oversample=["squad-qa=2", "squad-qa=3"], **base)

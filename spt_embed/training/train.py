@@ -164,6 +164,25 @@ def split_retrieval_dev(dataset, config: TrainConfig):
     return (next(iter(parts.values())) if single else parts), held_out
 
 
+def oversample(dataset, config: TrainConfig):
+    """Each source named in `config.oversample` (SOURCE=N) repeated N times: the proportional sampler then draws its
+    batches N times as often. Applied after `split_retrieval_dev`, so held-out rows are never repeated into training."""
+    factors = config.oversample_factors()
+    if not factors:
+        return dataset
+    import datasets as hf_datasets
+
+    names = {source: name for name, source in source_names(config.data).items()}
+    single = not isinstance(dataset, dict)
+    parts = {next(iter(names.values())): dataset} if single else dict(dataset)
+    for source, factor in factors.items():
+        name = names[source]
+        if factor > 1:
+            parts[name] = hf_datasets.concatenate_datasets([parts[name]] * factor)
+        logger.info("Training source %s repeated %d times: %d rows", source, factor, len(parts[name]))
+    return next(iter(parts.values())) if single else parts
+
+
 DEV_METRIC = "eval_stsb-dev_spearman_cosine"
 SELECTED_METRIC = "eval_sequential_score"  # with retrieval dev sets: what config.select_on selects on
 
@@ -370,6 +389,7 @@ def train(
     )
     checkpoint = run.checkpoint
     dataset, retrieval_dev = split_retrieval_dev(load_datasets(config), config)
+    dataset = oversample(dataset, config)
     model = build_model(config)
     evaluating = config.eval_steps > 0
     evaluator = build_dev_evaluator(config, retrieval_dev) if evaluating else None

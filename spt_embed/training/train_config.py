@@ -111,6 +111,13 @@ class TrainConfig(RecipeConfig):
             "routed as the retrieval presets (squad-qa, medquad-qa, scifact-train) are."
         },
     )
+    oversample: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "SOURCE=N: repeat a source of --data N times in the training mix (after its retrieval dev rows "
+            "are held out), so that batches come from it N times as often; e.g. scifact-train=16 for in-domain data."
+        },
+    )
     freeze_prompts: list[str] = field(
         default_factory=list,
         metadata={"help": "Soft prompts that stay as initialised: 'default' and/or task names from --tasks."},
@@ -167,6 +174,24 @@ class TrainConfig(RecipeConfig):
     logging_steps: int = field(default=5, metadata={"help": "Log the loss every N steps."})
     seed: int = field(default=42, metadata={"help": "Seed for init, data order and everything else."})
 
+    def oversample_factors(self) -> dict[str, int]:
+        """`oversample` as {source of data: N}, each N an integer >= 1 and each source one of `data`."""
+        factors: dict[str, int] = {}
+        for entry in self.oversample:
+            source, sep, count = entry.rpartition("=")
+            if not sep or not source or not count.strip().isdigit() or int(count) < 1:
+                raise ValueError(
+                    f"oversample {entry!r}: expected SOURCE=N with N an integer >= 1, e.g. scifact-train=16."
+                )
+            if source not in self.data:
+                raise ValueError(
+                    f"oversample {entry!r}: {source!r} is not among the training sources (data: {self.data})."
+                )
+            if source in factors:
+                raise ValueError(f"oversample names {source!r} twice.")
+            factors[source] = int(count)
+        return factors
+
     def __post_init__(self) -> None:
         self.check_types()  # also: one string for a list field becomes a list, enum values become members
         positive = {"num_tokens", "batch_size", "max_steps", "max_length", "logging_steps", "mini_batch_size", "lora_r"}
@@ -207,6 +232,7 @@ class TrainConfig(RecipeConfig):
         if known <= set(self.freeze_prompts) and self.method in (Method.SUFFIX, Method.DEEP_SUFFIX):
             if self.method is Method.SUFFIX and self.readout is not Readout.LAYER_MIX:
                 raise ValueError("freeze_prompts freezes every soft prompt: nothing would train.")
+        self.oversample_factors()  # SOURCE=N entries: checked here, before a run folder is made or data is read
         stray = [source for source in self.retrieval_data if source not in self.data]
         if stray:
             raise ValueError(f"retrieval_data {stray} is not among the training sources (data: {self.data}).")
