@@ -15,6 +15,10 @@
    with and without rescoring (`--rescore-multiplier`). nDCG@10 is computed by pytrec_eval as
    eval/faiss_retrieval.py does (its readers are reused); recall@10 is measured against the float32 index.
 
+3. `--select-multiplier 4 8 16 32` chooses the rescore multiplier of int8 and binary on SciFact's *train* claims
+   (qrels/train.tsv, the same corpus; never on the test queries): each candidate's nDCG@10 on the train claims is
+   recorded, and the best one (the smallest on a tie) gets its own test row, marked `selected_on: train`.
+
 `--limit-docs N` indexes the first N documents only (a smoke run): its scores are not SciFact's, and its results
 entry is marked with the limit.
 """
@@ -33,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from faiss_retrieval import ndcg_at_10, read_test_split, to_run  # eval/ is the script's folder
+from faiss_retrieval import ndcg_at_10, read_split, to_run  # eval/ is the script's folder
 from spt_embed.cli.options import add_dtype_argument
 from spt_embed.datafiles import data_root
 from spt_embed.model.dtypes import weights_dtype
@@ -93,6 +97,8 @@ def main() -> None:
     parser.add_argument("--limit-docs", type=int, default=None, help="index only the first N documents (smoke run)")
     parser.add_argument("--index-type", choices=["flat", "hnsw"], default="flat")
     parser.add_argument("--rescore-multiplier", type=int, default=DEFAULT_RESCORE_MULTIPLIER)
+    parser.add_argument("--select-multiplier", type=int, nargs="+", default=None, metavar="M",
+                        help="candidate rescore multipliers, chosen per precision on SciFact's train claims")
     parser.add_argument("--query-prompt", default=None, help="instruction prepended to queries")
     parser.add_argument("--batch-size", type=int, default=32)
     add_dtype_argument(parser)
@@ -102,8 +108,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.limit_docs is not None and args.limit_docs < 1:
         parser.error(f"--limit-docs must be a positive number of documents, got {args.limit_docs}.")
-    if args.rescore_multiplier < 1:
-        parser.error("--rescore-multiplier must be at least 1 (rows without rescoring are always measured).")
+    if args.rescore_multiplier < 1 or min(args.select_multiplier or [1]) < 1:
+        parser.error("rescore multipliers must be at least 1 (rows without rescoring are always measured).")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     folder = Path(args.data) if args.data else data_root() / "beir_scifact"
     if args.from_index:
@@ -135,19 +141,30 @@ def main() -> None:
         index_type=args.index_type, query_prompt=args.query_prompt, prompt_routes=prompt_routes(model),
         dtype=weights_dtype(model),
     )
-    query_ids, query_texts, qrels = read_test_split(folder)
+    query_ids, query_texts, qrels = read_split(folder)
     reference = index_from_embeddings(vectors, ids, dataclasses.replace(base), model=model)
     queries = reference.encode_queries(query_texts, batch_size=args.batch_size)
     reference_hits = reference.search(queries, K)
     reference_top = [{hit.id for hit in row} for row in reference_hits]
 
-    rows = []
+    if args.select_multiplier:
+        train_ids, train_texts, train_qrels = read_split(folder, "train")
+        train_queries = reference.encode_queries(train_texts, batch_size=args.batch_size)
+    rows, selection = [], {}
     for precision in Precision:
         metadata = dataclasses.replace(base, precision=precision.value)
         index = reference if precision is Precision.FLOAT32 else index_from_embeddings(
             vectors, ids, metadata, seed=args.seed
         )
         multipliers = [None] if precision is Precision.FLOAT32 else [0, args.rescore_multiplier]
+        if args.select_multiplier and precision is not Precision.FLOAT32:
+            on_train = {m: round(ndcg_at_10(to_run(train_ids, index.search(train_queries, K, rescore_multiplier=m)),
+                                            train_qrels), 2) for m in sorted(set(args.select_multiplier))}
+            chosen = max(on_train, key=lambda m: (on_train[m], -m))
+            selection[precision.value] = {"train_ndcg_at_10": on_train, "chosen": chosen}
+            print(f"{precision.value:>8}  train claims nDCG@10 by multiplier {on_train}: chose {chosen}x")
+            if chosen not in multipliers:
+                multipliers.append(chosen)
         for multiplier in multipliers:
             hits = index.search(queries, K, rescore_multiplier=multiplier)
             recall = np.mean([len({h.id for h in row} & top) / len(top) for row, top in zip(hits, reference_top)])
@@ -157,6 +174,8 @@ def main() -> None:
                 "ndcg_at_10": round(ndcg_at_10(to_run(query_ids, hits), qrels), 2),
                 "recall_at_10_vs_float32": round(float(recall), 4),
             })
+            if selection.get(precision.value, {}).get("chosen") == multiplier:
+                rows[-1]["selected_on"] = "train"
             rescoring = "-" if multiplier is None else ("none" if multiplier == 0 else f"{multiplier}x")
             print(f"{precision.value:>8}  rescoring {rescoring:>4}  {index.bytes_per_vector:>5} bytes/vector  "
                   f"nDCG@10 {rows[-1]['ndcg_at_10']:6.2f}  recall@10 vs float32 {recall:.4f}")
@@ -168,6 +187,7 @@ def main() -> None:
         "documents": len(ids), "corpus_documents": corpus_size, "queries": len(query_ids),
         "dimension": base.dimension, "fingerprint": fingerprint, "index_type": args.index_type,
         "calibration_seed": args.seed, "vectors_from": source, "rows": rows,
+        **({"multiplier_selection": {"split": "train", "queries": len(train_ids), **selection}} if selection else {}),
         "machine": f"{platform.machine()}, faiss {faiss.__version__}",
     }
     key = args.model if base.dtype == "float32" else f"{args.model} ({base.dtype})"

@@ -41,10 +41,10 @@ logger = logging.getLogger("faiss_retrieval")
 EF_SEARCH = (16, 32, 64, 128, 256)
 
 
-def read_test_split(folder: Path) -> tuple[list[str], list[str], dict[str, dict[str, int]]]:
-    """Test query ids and texts (those with qrels, in file order) and the qrels."""
+def read_split(folder: Path, split: str = "test") -> tuple[list[str], list[str], dict[str, dict[str, int]]]:
+    """The split's query ids and texts (those with qrels in qrels/<split>.tsv, in file order) and its qrels."""
     qrels: dict[str, dict[str, int]] = {}
-    with (folder / "qrels" / "test.tsv").open(encoding="utf-8", newline="") as handle:
+    with (folder / "qrels" / f"{split}.tsv").open(encoding="utf-8", newline="") as handle:
         for row in csv.DictReader(handle, delimiter="\t"):
             qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
     queries = [d for d in iter_documents(CorpusSpec(folder / "queries.jsonl", title_field=None)) if d.id in qrels]
@@ -170,7 +170,7 @@ def main() -> None:
     if len(flat) != corpus_size:  # e.g. `make demo` indexes only the first 1,000 documents by default
         raise ValueError(f"{index_dir} holds {len(flat)} documents, the corpus {corpus_size}: scores on part of the "
                          "corpus are not SciFact's; drop --reuse-index, or index all of it (eval/demo.py --index-docs 0).")
-    query_ids, query_texts, qrels = read_test_split(folder)
+    query_ids, query_texts, qrels = read_split(folder)
     start = time.perf_counter()
     query_vectors = flat.encode_queries(query_texts, batch_size=args.batch_size)
     record["encode_queries_s"] = round(time.perf_counter() - start, 1)

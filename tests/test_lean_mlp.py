@@ -1,0 +1,53 @@
+"""The fast path's soft pass runs SiLU-gated MLPs through `_SiLUGate` (issue 18 part 2): same values and gradients,
+fewer bytes saved for backward, and the modules are restored afterwards; tiny random backbones."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from spt_embed.model.fast_path import _is_silu_gated_mlp, lean_gated_mlps
+
+
+def saved_bytes(fn) -> tuple[torch.Tensor, int]:
+    """fn()'s result and the bytes autograd saved for its backward."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        return fn(), total
+
+
+def test_lean_mlp_equals_the_mlp_and_saves_less(backbone_dir):
+    backbone = AutoModelForCausalLM.from_pretrained(backbone_dir).model.float().requires_grad_(False)
+    mlps = [m for m in backbone.modules() if _is_silu_gated_mlp(m)]
+    assert len(mlps) == backbone.config.num_hidden_layers  # every architecture of the tests has them
+    mlp, width = mlps[0], backbone.config.intermediate_size
+    x = torch.randn(3, 5, backbone.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for lean in (False, True):
+        inputs = x.clone().requires_grad_(True)
+        with lean_gated_mlps(backbone) if lean else torch.enable_grad():
+            out, saved = saved_bytes(lambda: mlp(inputs))
+        out.pow(2).sum().backward()
+        results[lean] = out.detach(), inputs.grad, saved
+    (plain, plain_grad, plain_saved), (lean, lean_grad, lean_saved) = results[False], results[True]
+    assert torch.allclose(plain, lean, atol=1e-6)
+    assert torch.allclose(plain_grad, lean_grad, rtol=1e-5, atol=1e-6)
+    # One (3, 5, intermediate) float32 tensor fewer: silu(gate) is recomputed in backward instead of kept.
+    assert plain_saved - lean_saved == 3 * 5 * width * 4
+    assert all("forward" not in vars(m) for m in mlps)  # the class's forward again
+    with torch.no_grad(), lean_gated_mlps(backbone):
+        assert all("forward" not in vars(m) for m in mlps)  # nothing to save: nothing patched
+
+
+def test_a_module_with_its_own_forward_is_left_alone(backbone_dir):
+    backbone = AutoModelForCausalLM.from_pretrained(backbone_dir).model.requires_grad_(False)
+    mlp = next(m for m in backbone.modules() if _is_silu_gated_mlp(m))
+    own = mlp.forward  # as an accelerate hook would install it: an instance attribute
+    mlp.forward = own
+    with lean_gated_mlps(backbone):
+        assert mlp.forward is own
+    assert mlp.forward is own
