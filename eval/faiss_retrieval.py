@@ -167,7 +167,7 @@ def main() -> None:
     if flat.metadata.query_prompt != args.query_prompt:
         raise ValueError(f"{index_dir} was built with query prompt {flat.metadata.query_prompt!r}; drop --reuse-index.")
     corpus_size = sum(1 for line in (folder / "corpus.jsonl").open(encoding="utf-8") if line.strip())
-    if len(flat) != corpus_size:  # e.g. `make demo` indexes only the first 1,000 documents by default
+    if len(flat) != corpus_size:  # e.g. `make demo` indexes only the first 400 documents by default
         raise ValueError(f"{index_dir} holds {len(flat)} documents, the corpus {corpus_size}: scores on part of the "
                          "corpus are not SciFact's; drop --reuse-index, or index all of it (eval/demo.py --index-docs 0).")
     query_ids, query_texts, qrels = read_split(folder)

@@ -137,6 +137,14 @@ def retrieval_evaluator(name: str, rows):
     )
 
 
+def by_source(dataset, config: TrainConfig) -> tuple[dict, bool]:
+    """(training data as {source's dataset name: Dataset}, whether it was one Dataset): load_datasets' result, which
+    is a plain Dataset for a single source, in the by-name form; `next(iter(parts.values())) if single else parts`
+    turns it back."""
+    single = not isinstance(dataset, dict)
+    return ({next(iter(source_names(config.data))): dataset} if single else dict(dataset)), single
+
+
 def split_retrieval_dev(dataset, config: TrainConfig):
     """(training data, held-out rows by source name): `retrieval_dev_rows` seeded rows of every retrieval source
     (router_mapping's) come out of its training data, for `retrieval_evaluator`. Without them: (dataset, {})."""
@@ -148,8 +156,7 @@ def split_retrieval_dev(dataset, config: TrainConfig):
             "retrieval_dev_rows is set but no training source is a retrieval source (a retrieval preset such as "
             "squad-qa, or a file named in retrieval_data)."
         )
-    single = not isinstance(dataset, dict)
-    parts = {next(iter(source_names(config.data))): dataset} if single else dict(dataset)
+    parts, single = by_source(dataset, config)
     held_out = {}
     for name in retrieval:
         rows = len(parts[name])
@@ -173,8 +180,7 @@ def oversample(dataset, config: TrainConfig):
     import datasets as hf_datasets
 
     names = {source: name for name, source in source_names(config.data).items()}
-    single = not isinstance(dataset, dict)
-    parts = {next(iter(names.values())): dataset} if single else dict(dataset)
+    parts, single = by_source(dataset, config)
     for source, factor in factors.items():
         name = names[source]
         if factor > 1:
