@@ -1,4 +1,5 @@
-"""SciFact test with compressed document vectors: nDCG@10 and bytes per vector for float32, int8 and binary.
+"""SciFact test with compressed document vectors: nDCG@10 and bytes per vector for float32, int8, binary and
+binary-int8 (binary in memory, rescored from an int8 copy on disk).
 
     python eval/bench_precision.py --model all-minilm-l6-v2       # updates eval/results/bench_precision.json
     python eval/bench_precision.py --model smollm2-135m-nli
@@ -162,7 +163,7 @@ def main() -> None:
                                             train_qrels), 2) for m in sorted(set(args.select_multiplier))}
             chosen = max(on_train, key=lambda m: (on_train[m], -m))
             selection[precision.value] = {"train_ndcg_at_10": on_train, "chosen": chosen}
-            print(f"{precision.value:>8}  train claims nDCG@10 by multiplier {on_train}: chose {chosen}x")
+            print(f"{precision.value:>11}  train claims nDCG@10 by multiplier {on_train}: chose {chosen}x")
             if chosen not in multipliers:
                 multipliers.append(chosen)
         for multiplier in multipliers:
@@ -171,13 +172,15 @@ def main() -> None:
             rows.append({
                 "precision": precision.value, "factory": index.metadata.factory, "rescore_multiplier": multiplier,
                 "bytes_per_vector": index.bytes_per_vector,
+                **({"rescore_bytes_per_vector_on_disk": index.rescore_bytes_per_vector}
+                   if index.rescore_bytes_per_vector else {}),
                 "ndcg_at_10": round(ndcg_at_10(to_run(query_ids, hits), qrels), 2),
                 "recall_at_10_vs_float32": round(float(recall), 4),
             })
             if selection.get(precision.value, {}).get("chosen") == multiplier:
                 rows[-1]["selected_on"] = "train"
             rescoring = "-" if multiplier is None else ("none" if multiplier == 0 else f"{multiplier}x")
-            print(f"{precision.value:>8}  rescoring {rescoring:>4}  {index.bytes_per_vector:>5} bytes/vector  "
+            print(f"{precision.value:>11}  rescoring {rescoring:>4}  {index.bytes_per_vector:>5} bytes/vector  "
                   f"nDCG@10 {rows[-1]['ndcg_at_10']:6.2f}  recall@10 vs float32 {recall:.4f}")
 
     import faiss

@@ -16,7 +16,7 @@ from spt_embed.retrieval import precision as precision_module
 from spt_embed.retrieval.index import build_index, index_from_embeddings, load_index, normalize
 from spt_embed.retrieval.indexing import index_corpus, merge_shards
 from spt_embed.retrieval.metadata import META_FILE, IndexMetadata, read_metadata
-from spt_embed.retrieval.precision import RANGES_FILE, bucket_centres
+from spt_embed.retrieval.precision import RANGES_FILE, RESCORE_FILE, bucket_centres
 
 from .conftest import WORDS
 
@@ -72,6 +72,8 @@ def corpus(tmp_path):
         ("binary", "hnsw", 32, 4),
         ("int8", "flat", 12, 12),
         ("binary", "flat", 12, 2),  # 12 bits padded to 2 bytes
+        ("binary-int8", "flat", 32, 4),  # in memory; the int8 copy is on disk (rescore_bytes_per_vector)
+        ("binary-int8", "hnsw", 32, 4),
         ("float32", "IVF1,PQ4x4", 32, 2),  # four 4-bit codes
     ],
 )
@@ -81,14 +83,17 @@ def test_bytes_per_vector(tmp_path, precision, index_type, dimension, expected):
     index.save(tmp_path / "idx")
     assert read_metadata(tmp_path / "idx").bytes_per_vector == expected
     assert load_index(tmp_path / "idx").bytes_per_vector == expected
+    rescore = dimension if precision == "binary-int8" else None
+    assert index.rescore_bytes_per_vector == rescore and load_index(tmp_path / "idx").rescore_bytes_per_vector == rescore
 
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw"])
-@pytest.mark.parametrize("precision", ["int8", "binary"])
+@pytest.mark.parametrize("precision", ["int8", "binary", "binary-int8"])
 def test_stored_codes_are_quantize_embeddings_codes(precision, index_type):
     index = vector_index(unit_vectors(150, 16), precision, index_type)
     vectors = normalize(unit_vectors(150, 16))  # what the index quantises: its input normalised (again)
-    stored = np.stack([index.faiss_index.reconstruct(i) for i in range(len(vectors))])
+    searched = index.faiss_index.binary if precision == "binary-int8" else index.faiss_index
+    stored = np.stack([searched.reconstruct(i) for i in range(len(vectors))])
     if precision == "int8":
         # All 150 documents calibrate (fewer than CALIBRATION_SAMPLE): the ranges are their min and max.
         assert np.array_equal(index.ranges, np.vstack([vectors.min(axis=0), vectors.max(axis=0)]))
@@ -96,6 +101,11 @@ def test_stored_codes_are_quantize_embeddings_codes(precision, index_type):
         assert np.allclose(stored, bucket_centres(codes, index.ranges), atol=1e-6)
     else:
         assert np.array_equal(stored, quantize_embeddings(vectors, precision="ubinary"))
+    if precision == "binary-int8":  # the rescoring copy: the int8 index's codes, calibrated the same way
+        assert np.array_equal(index.ranges, np.vstack([vectors.min(axis=0), vectors.max(axis=0)]))
+        codes = quantize_embeddings(vectors, precision="uint8", ranges=index.ranges)
+        rescoring = index.faiss_index.int8.reconstruct_n(0, len(vectors))
+        assert np.allclose(rescoring, bucket_centres(codes, index.ranges), atol=1e-6)
 
 
 @pytest.mark.parametrize("seed, same", [(0, True), (1, False)])
@@ -134,6 +144,8 @@ def toy_index(precision, index_type):
         ("binary", 1, "near"),  # rescoring the one candidate fetched cannot find "best"
         ("binary", 4, "best"),  # over-fetched and rescored with the float query: the float32 top-1
         ("int8", 4, "best"),
+        ("binary-int8", 0, "near"),  # the first pass is the binary index's
+        ("binary-int8", 4, "best"),
     ],
 )
 def test_rescoring_restores_the_float32_top_hit(index_type, precision, rescore_multiplier, top):
@@ -162,7 +174,16 @@ def test_index_default_multiplier_is_used(tmp_path):
         loaded.search(np.array(TOY_QUERY), 1, rescore_multiplier=-1)
 
 
-@pytest.mark.parametrize("precision", ["int8", "binary"])
+def test_binary_int8_rescores_as_the_int8_index_scores():
+    # Over-fetching every document, binary-int8 ranks and scores all of them with its int8 copy: the int8 index's
+    # exact search (same calibration), while plain binary rescores with sign vectors.
+    vectors, queries = unit_vectors(60, 16), unit_vectors(5, 16, seed=3)
+    int8 = hits(vector_index(vectors, "int8"), queries, k=10)
+    assert hits(vector_index(vectors, "binary-int8"), queries, k=10, rescore_multiplier=6) == int8
+    assert hits(vector_index(vectors, "binary"), queries, k=10, rescore_multiplier=6) != int8
+
+
+@pytest.mark.parametrize("precision", ["int8", "binary", "binary-int8"])
 def test_k_larger_than_the_index_returns_every_document_once(precision):
     index = vector_index(unit_vectors(6, 16), precision)
     rows = index.search(unit_vectors(3, 16, seed=1), k=10)
@@ -173,7 +194,7 @@ def test_k_larger_than_the_index_returns_every_document_once(precision):
 
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw"])
-@pytest.mark.parametrize("precision", ["int8", "binary"])
+@pytest.mark.parametrize("precision", ["int8", "binary", "binary-int8"])
 def test_compressed_index_survives_save_and_load(tmp_path, precision, index_type):
     index = vector_index(unit_vectors(120, 24), precision, index_type)
     queries = unit_vectors(4, 24, seed=7)
@@ -182,11 +203,20 @@ def test_compressed_index_survives_save_and_load(tmp_path, precision, index_type
     assert loaded.metadata.precision == precision and loaded.metadata.factory == index.metadata.factory
     assert hits(loaded, queries) == hits(index, queries)
     assert hits(loaded, queries, rescore_multiplier=0) == hits(index, queries, rescore_multiplier=0)
-    assert (tmp_path / "idx" / RANGES_FILE).is_file() == (precision == "int8")
-    if precision == "int8":
+    assert (tmp_path / "idx" / RANGES_FILE).is_file() == (precision != "binary")
+    assert (tmp_path / "idx" / RESCORE_FILE).is_file() == (precision == "binary-int8")
+    if precision != "binary":
         assert np.array_equal(loaded.ranges, index.ranges)
         assert loaded.metadata.calibration == index.metadata.calibration
         assert loaded.metadata.calibration["file"] == RANGES_FILE
+
+
+def test_binary_int8_index_without_its_rescoring_vectors_is_refused(tmp_path):
+    vector_index(unit_vectors(30, 16), "binary-int8").save(tmp_path / "idx")
+    (tmp_path / "idx" / RESCORE_FILE).unlink()
+    with pytest.raises(ValueError, match=r"index\.faiss is missing, truncated or damaged \(the int8 rescoring vectors "
+                       r"rescore_int8\.faiss are missing\)\. Rebuild the index"):
+        load_index(tmp_path / "idx")
 
 
 def test_index_folder_without_precision_loads_as_float32(tmp_path):
@@ -207,7 +237,8 @@ def test_index_folder_without_precision_loads_as_float32(tmp_path):
 
 @pytest.mark.parametrize(
     "precision, index_type",
-    [("binary", "ivfpq"), ("binary", "IVF4,PQ8"), ("binary", "IVF2,Flat"), ("int8", "ivfpq"), ("int8", "PQ8")],
+    [("binary", "ivfpq"), ("binary", "IVF4,PQ8"), ("binary", "IVF2,Flat"), ("int8", "ivfpq"), ("int8", "PQ8"),
+     ("binary-int8", "ivfpq")],
 )
 def test_precision_the_index_type_cannot_hold_is_refused_before_encoding(tmp_path, precision, index_type):
     message = rf"precision '{precision}' cannot be used with index type '{index_type}'.*--index-type flat or hnsw"
@@ -231,7 +262,7 @@ def test_precision_the_index_type_cannot_hold_is_refused_before_encoding(tmp_pat
     ids=["build_index", "index_corpus", "metadata"],
 )
 def test_unknown_precision_lists_the_allowed_ones(tmp_path, call):
-    allowed = r"precision='fp16' is not supported; choose one of 'float32', 'int8', 'binary'"
+    allowed = r"precision='fp16' is not supported; choose one of 'float32', 'int8', 'binary', 'binary-int8'"
     with pytest.raises(ValueError, match=allowed):
         call(tmp_path)
 
@@ -273,6 +304,10 @@ def test_cli_shards_carry_the_precision_to_the_merge(model, corpus, tmp_path, ca
              "--rescore-multiplier", "2"])
     meta = read_metadata(tmp_path / "int8")
     assert (meta.precision, meta.rescore_multiplier, meta.bytes_per_vector) == ("int8", 2, 32)
+    run_cli(["index-merge", *shards, "--output", tmp_path / "binary-int8", "--precision", "binary-int8"])
+    assert "BFlat + SQ8 rescoring, binary-int8, 4 bytes per vector in memory (+ an int8 copy on disk), rescoring 4x" \
+        in capsys.readouterr().out
+    assert (tmp_path / "binary-int8" / RESCORE_FILE).is_file()
     # The refused combination through the command line: exit status 2 and the message, nothing encoded.
     code = main(["index", "--model", str(spt_dir), "--corpus", str(corpus), "--output", str(tmp_path / "no"),
                  "--precision", "binary", "--index-type", "ivfpq"])
@@ -280,7 +315,7 @@ def test_cli_shards_carry_the_precision_to_the_merge(model, corpus, tmp_path, ca
     assert not (tmp_path / "no").exists() and not (tmp_path / "no.parts").exists()
 
 
-@pytest.mark.parametrize("precision", ["int8", "binary"])
+@pytest.mark.parametrize("precision", ["int8", "binary", "binary-int8"])
 def test_build_index_with_an_encoder(model, precision):
     index = build_index(model, TEXTS, IDS, precision=precision, rescore_multiplier=5)
     assert index.metadata.precision == precision and index.metadata.rescore_multiplier == 5

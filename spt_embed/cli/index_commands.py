@@ -16,10 +16,14 @@ from spt_embed.retrieval.precision import DEFAULT_RESCORE_MULTIPLIER, Precision
 
 PRECISION_HELP = (
     "how document vectors are stored: float32 (4 bytes per dimension, exact), int8 (1 byte, per-dimension ranges "
-    "calibrated on a sample of the corpus) or binary (1 bit, the sign; Hamming search); int8 and binary need "
-    "--index-type flat or hnsw"
+    "calibrated on a sample of the corpus), binary (1 bit, the sign; Hamming search) or binary-int8 (binary in "
+    "memory, candidates rescored from an int8 copy memory-mapped from disk); all but float32 need --index-type "
+    "flat or hnsw"
 )
-RESCORE_HELP = "int8/binary: fetch k times this many candidates and rescore them with the float query (0: no rescoring)"
+RESCORE_HELP = (
+    "int8/binary/binary-int8: fetch k times this many candidates and rescore them with the float query "
+    "(0: no rescoring)"
+)
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +190,8 @@ def _on_disk(meta) -> str:
 def _storage(precision: str, size: int | None, rescore_multiplier: int) -> str:
     """'int8, 384 bytes per vector, rescoring 4x candidates': how an index stores and searches its vectors."""
     text = f"{precision}, {'unknown' if size is None else size} bytes per vector"
+    if precision == Precision.BINARY_INT8.value:
+        text += " in memory (+ an int8 copy on disk)"
     if precision != Precision.FLOAT32.value:
         text += f", rescoring {rescore_multiplier}x candidates" if rescore_multiplier else ", no rescoring"
     return text

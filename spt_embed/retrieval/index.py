@@ -10,10 +10,12 @@ An index folder holds::
     index.ivfdata    an on-disk IVF index's inverted lists, memory-mapped at search time (spt_embed.retrieval.ondisk)
     ids.json         the document ids, a JSON list of strings
     offsets.npy      byte offset of each document in the corpus (only when the corpus file is recorded)
-    int8_ranges.npy  int8 precision only: the calibrated per-dimension (min, max), shape (2, dimension)
+    int8_ranges.npy  int8 and binary-int8 only: the calibrated per-dimension (min, max), shape (2, dimension)
+    rescore_int8.faiss  binary-int8 only: the int8 copy of the vectors that rescoring reads, memory-mapped
     index_meta.json  IndexMetadata: model, fingerprint, dimension, count, index type, precision, query prompt, versions
 
-int8 and binary indexes store compressed vectors and rescore their candidates (spt_embed.retrieval.precision).
+int8, binary and binary-int8 indexes store compressed vectors and rescore their candidates
+(spt_embed.retrieval.precision).
 """
 
 from __future__ import annotations
@@ -45,8 +47,11 @@ from spt_embed.retrieval.metadata import (
 )
 from spt_embed.retrieval.ondisk import read_faiss_index, write_faiss_index
 from spt_embed.retrieval.precision import (
+    BINARY_PRECISIONS,
+    CALIBRATED_PRECISIONS,
     DEFAULT_RESCORE_MULTIPLIER,
     RANGES_FILE,
+    BinaryInt8Index,
     Precision,
     add_vectors,
     binary_bits,
@@ -81,13 +86,14 @@ class Hit:
 class Index:
     """A FAISS index with its document ids and metadata; `search` takes query texts or query embeddings.
 
-    `ranges`: for int8 precision, the calibrated per-dimension (min, max) the documents were quantised with."""
+    `ranges`: for int8 and binary-int8 precision, the calibrated per-dimension (min, max) the documents were
+    quantised with."""
 
     def __init__(
         self, faiss_index, ids: Sequence[str], metadata: IndexMetadata, *, model=None, offsets=None, ranges=None
     ):
         precision = Precision(metadata.precision)
-        width = binary_bits(metadata.dimension) if precision is Precision.BINARY else metadata.dimension
+        width = binary_bits(metadata.dimension) if precision in BINARY_PRECISIONS else metadata.dimension
         if faiss_index.ntotal != len(ids) or faiss_index.d != width:
             raise ValueError(
                 f"Inconsistent index: FAISS holds {faiss_index.ntotal} vectors of width {faiss_index.d} but there "
@@ -95,10 +101,14 @@ class Index:
             )
         if offsets is not None and len(offsets) != len(ids):
             raise ValueError(f"{len(offsets)} corpus offsets for {len(ids)} ids.")
-        if precision is Precision.INT8 and ranges is None:
-            raise ValueError("An int8 index needs the ranges its documents were quantised with (ranges=...).")
-        if precision is not Precision.INT8 and ranges is not None:
-            raise ValueError(f"Quantisation ranges belong to int8 indexes only; this index is {precision.value}.")
+        if precision in CALIBRATED_PRECISIONS and ranges is None:
+            raise ValueError(
+                f"An {precision.value} index needs the ranges its documents were quantised with (ranges=...)."
+            )
+        if precision not in CALIBRATED_PRECISIONS and ranges is not None:
+            raise ValueError(
+                f"Quantisation ranges belong to int8 and binary-int8 indexes only; this index is {precision.value}."
+            )
         if ranges is not None and np.shape(ranges) != (2, metadata.dimension):
             raise ValueError(f"int8 ranges have shape {np.shape(ranges)}, expected (2, {metadata.dimension}).")
         self.faiss_index = faiss_index
@@ -124,8 +134,14 @@ class Index:
     def bytes_per_vector(self) -> int | None:
         """Bytes one document vector takes in the FAISS index: 4 * dimension (float32), dimension (int8),
         dimension / 8 (binary), the code size of a PQ index. Graph links and ids are not counted; None if FAISS does
-        not report a code size for this index type."""
+        not report a code size for this index type. binary-int8: the binary vectors that memory holds (see
+        rescore_bytes_per_vector)."""
         return code_size(self.faiss_index)
+
+    @property
+    def rescore_bytes_per_vector(self) -> int | None:
+        """binary-int8 only: bytes per vector of the int8 rescoring copy, memory-mapped from disk (None otherwise)."""
+        return code_size(self.faiss_index.int8) if isinstance(self.faiss_index, BinaryInt8Index) else None
 
     @property
     def model(self):
@@ -253,7 +269,7 @@ class Index:
         self.metadata.bytes_per_vector = self.bytes_per_vector
         self.metadata.faiss_version = import_faiss().__version__
         self.metadata.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        if self.metadata.precision == Precision.BINARY.value:  # binary indexes are never IVF on disk
+        if Precision(self.metadata.precision) in BINARY_PRECISIONS:  # binary indexes are never IVF on disk
             write_faiss(self.faiss_index, str(folder / INDEX_FILE))
             self.metadata.ivfdata = ""
         else:
@@ -289,13 +305,13 @@ def load_index(path: str | os.PathLike, *, model=None) -> Index:
         except (OSError, ValueError, EOFError) as exc:
             raise ValueError(_damaged(folder / OFFSETS_FILE, exc)) from None
     ranges = None
-    if metadata.precision == Precision.INT8.value:
+    if Precision(metadata.precision) in CALIBRATED_PRECISIONS:
         try:
             ranges = np.load(folder / RANGES_FILE)
         except (OSError, ValueError, EOFError) as exc:
             raise ValueError(_damaged(folder / RANGES_FILE, exc)) from None
     try:
-        if metadata.precision == Precision.BINARY.value:
+        if Precision(metadata.precision) in BINARY_PRECISIONS:
             faiss_index = read_faiss(str(folder / INDEX_FILE), metadata.precision)
         else:  # an on-disk IVF index's lists (metadata.ivfdata) are memory-mapped from this folder, not read
             faiss_index = read_faiss_index(folder, metadata.ivfdata)

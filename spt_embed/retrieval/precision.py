@@ -13,6 +13,11 @@ index, then the candidates are rescored with the full-precision query against th
   (``BFlat``; ``BHNSW32``) searched by Hamming distance with the query's own signs. A first-pass score is the
   cosine of the two sign vectors, 1 - 2 * hamming / dimension; a rescored one is the cosine of the float query with
   the document's sign vector. Both rank the candidates as sentence-transformers' 0/1 rescoring does.
+- ``binary-int8``: the binary index above for the first pass, plus an int8 copy of every document (the ``SQ8``
+  index of ``int8``, calibrated the same way) that only rescoring reads: the pipeline of sentence-transformers'
+  quantisation guide (binary search in memory, int8 rescoring vectors on disk). The int8 copy is written as
+  ``rescore_int8.faiss`` and memory-mapped when the index is loaded, so memory holds dimension / 8 bytes per
+  vector and the disk dimension / 8 + dimension; a search reads k * rescore_multiplier int8 rows per query.
 
 Only flat and hnsw hold compressed vectors: ivfpq and PQ factory strings compress the vectors themselves.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spt_embed.recipe import enum_text, parse_enum
@@ -59,14 +65,43 @@ class Precision(str, enum.Enum):
     FLOAT32 = "float32"  # 4 bytes per dimension, exact
     INT8 = "int8"  # 1 byte per dimension: calibrated per-dimension buckets
     BINARY = "binary"  # 1 bit per dimension: the sign
+    BINARY_INT8 = "binary-int8"  # binary in memory, rescored from an int8 copy memory-mapped from disk
 
+
+BINARY_PRECISIONS = (Precision.BINARY, Precision.BINARY_INT8)  # searched in a FAISS binary index
+CALIBRATED_PRECISIONS = (Precision.INT8, Precision.BINARY_INT8)  # quantised to int8 with calibrated ranges
 
 _FACTORIES = {
     (Precision.INT8, IndexType.FLAT): "SQ8",
     (Precision.INT8, IndexType.HNSW): f"HNSW{HNSW_M},SQ8",
     (Precision.BINARY, IndexType.FLAT): "BFlat",
     (Precision.BINARY, IndexType.HNSW): f"BHNSW{HNSW_M}",
+    (Precision.BINARY_INT8, IndexType.FLAT): "BFlat",
+    (Precision.BINARY_INT8, IndexType.HNSW): f"BHNSW{HNSW_M}",
 }
+RESCORE_FACTORY = "SQ8"  # the int8 rescoring copy of a binary-int8 index
+RESCORE_FILE = "rescore_int8.faiss"
+
+
+class BinaryInt8Index:
+    """A binary-int8 index: the FAISS binary index that is searched, and the int8 (SQ8) index of the same vectors,
+    row for row, that rescoring reads. `ntotal` and `d` are the binary index's, as for a plain binary index."""
+
+    def __init__(self, binary, int8):
+        if binary.ntotal != int8.ntotal:
+            raise ValueError(
+                f"Inconsistent binary-int8 index: {binary.ntotal} binary vectors but {int8.ntotal} int8 rescoring "
+                f"vectors. Rebuild the index."
+            )
+        self.binary, self.int8 = binary, int8
+
+    @property
+    def ntotal(self) -> int:
+        return self.binary.ntotal
+
+    @property
+    def d(self) -> int:
+        return self.binary.d
 
 
 def check_precision(precision: Precision | str, index_type: str) -> Precision:
@@ -77,7 +112,7 @@ def check_precision(precision: Precision | str, index_type: str) -> Precision:
         return precision
     preset = {t.value: t for t in IndexType}.get(enum_text(index_type).lower())
     if (precision, preset) not in _FACTORIES:
-        what = "binary vectors need a FAISS binary index" if precision is Precision.BINARY else (
+        what = "binary vectors need a FAISS binary index" if precision in BINARY_PRECISIONS else (
             "int8 vectors need a FAISS scalar-quantiser index"
         )
         raise ValueError(
@@ -121,7 +156,7 @@ def new_quantised_index(precision: Precision, index_type: str, dimension: int, r
     preset = IndexType(enum_text(index_type).lower())
     factory = _FACTORIES[(precision, preset)]
     # The factories return the concrete classes (IndexScalarQuantizer, IndexHNSWSQ, IndexBinaryFlat, IndexBinaryHNSW).
-    if precision is Precision.BINARY:
+    if precision in BINARY_PRECISIONS:
         index = faiss.index_binary_factory(binary_bits(dimension), factory)
     else:
         index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
@@ -129,6 +164,9 @@ def new_quantised_index(precision: Precision, index_type: str, dimension: int, r
         index.train(np.ascontiguousarray(ranges, dtype=np.float32))
     if preset is IndexType.HNSW:
         index.hnsw.efConstruction, index.hnsw.efSearch = HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH
+    if precision is Precision.BINARY_INT8:
+        rescore, _ = new_quantised_index(Precision.INT8, IndexType.FLAT.value, dimension, ranges)
+        return BinaryInt8Index(index, rescore), f"{factory} + {RESCORE_FACTORY} rescoring"
     return index, factory
 
 
@@ -141,6 +179,10 @@ def add_quantised(index, precision: Precision, vectors: np.ndarray, ranges: np.n
     """Quantise unit-length float32 `vectors` (n, dimension) and add them to `index`."""
     from sentence_transformers.util import quantize_embeddings
 
+    if precision is Precision.BINARY_INT8:
+        add_quantised(index.binary, Precision.BINARY, vectors, None)
+        add_quantised(index.int8, Precision.INT8, vectors, ranges)
+        return
     if precision is Precision.BINARY:
         index.add(quantize_embeddings(vectors, precision="ubinary"))  # (n, dimension / 8) uint8
         return
@@ -169,8 +211,9 @@ def search_quantised(
 
     dimension = queries.shape[1]
     fetch = min(index.ntotal, k * max(1, rescore_multiplier))
-    if precision is Precision.BINARY:
-        hamming, positions = index.search(quantize_embeddings(queries, precision="ubinary"), fetch)
+    if precision in BINARY_PRECISIONS:
+        searched = index.binary if precision is Precision.BINARY_INT8 else index
+        hamming, positions = searched.search(quantize_embeddings(queries, precision="ubinary"), fetch)
         scores = 1 - 2 * hamming.astype(np.float32) / dimension
     else:
         scores, positions = index.search(queries, fetch)
@@ -184,10 +227,12 @@ def search_quantised(
 
 
 def stored_vectors(index, precision: Precision, positions: np.ndarray, dimension: int) -> np.ndarray:
-    """Float32 (len(positions), dimension) vectors as stored: int8 decoded to bucket centres, binary as unit-length
-    sign vectors (+-1 / sqrt(dimension))."""
+    """Float32 (len(positions), dimension) vectors as rescoring reads them: int8 (and the int8 copy of binary-int8)
+    decoded to bucket centres, binary as unit-length sign vectors (+-1 / sqrt(dimension))."""
     import numpy as np
 
+    if precision is Precision.BINARY_INT8:
+        index, precision = index.int8, Precision.INT8
     if precision is Precision.INT8:
         return index.reconstruct_batch(np.ascontiguousarray(positions, dtype=np.int64))
     # FAISS binary indexes reconstruct one vector at a time; each distinct candidate is read once.
@@ -200,6 +245,8 @@ def stored_vectors(index, precision: Precision, positions: np.ndarray, dimension
 def code_size(index) -> int | None:
     """Bytes one vector takes in `index` (its code; HNSW links and ids not counted); None if FAISS does not say."""
     faiss = import_faiss()
+    if isinstance(index, BinaryInt8Index):  # what memory holds; the int8 copy is mapped from disk
+        return code_size(index.binary)
     if isinstance(index, faiss.IndexBinary):
         return int(index.code_size)
     index = faiss.downcast_index(index)
@@ -212,14 +259,25 @@ def code_size(index) -> int | None:
 
 
 def write_faiss(index, path: str) -> None:
+    """Write `index` to `path`; a binary-int8 index writes its int8 copy beside it, as RESCORE_FILE."""
     faiss = import_faiss()
+    if isinstance(index, BinaryInt8Index):
+        faiss.write_index(index.int8, str(Path(path).with_name(RESCORE_FILE)))
+        index = index.binary
     (faiss.write_index_binary if isinstance(index, faiss.IndexBinary) else faiss.write_index)(index, path)
 
 
 def read_faiss(path: str, precision: Precision | str):
+    """Read what write_faiss wrote; a binary-int8 index's int8 copy is memory-mapped (IO_FLAG_MMAP_IFC), not read.
+    A missing or damaged file raises RuntimeError (faiss's own error)."""
     faiss = import_faiss()
-    binary = parse_enum(Precision, precision, "precision") is Precision.BINARY
-    return (faiss.read_index_binary if binary else faiss.read_index)(path)
+    precision = parse_enum(Precision, precision, "precision")
+    if precision is Precision.BINARY_INT8:
+        rescore = Path(path).with_name(RESCORE_FILE)
+        if not rescore.is_file():
+            raise RuntimeError(f"the int8 rescoring vectors {rescore.name} are missing")
+        return BinaryInt8Index(faiss.read_index_binary(path), faiss.read_index(str(rescore), faiss.IO_FLAG_MMAP_IFC))
+    return (faiss.read_index_binary if precision is Precision.BINARY else faiss.read_index)(path)
 
 
 def new_index(metadata: IndexMetadata, count: int, sample: Callable[[int], np.ndarray], seed: int = 0):
@@ -231,7 +289,7 @@ def new_index(metadata: IndexMetadata, count: int, sample: Callable[[int], np.nd
         index, metadata.factory = new_faiss_index(metadata.index_type, count, metadata.dimension, sample)
         return index, None
     ranges = None
-    if precision is Precision.INT8:
+    if precision in CALIBRATED_PRECISIONS:
         rows = sample(min(count, CALIBRATION_SAMPLE))
         ranges = calibrate(rows)
         metadata.calibration = {
