@@ -34,6 +34,7 @@ from scipy.stats import spearmanr
 from sentence_transformers import SentenceTransformer
 
 import spt_embed
+from spt_embed.hardware import cpu_summary
 from spt_embed.datafiles import load_sts, scifact_documents
 from spt_embed.model.encoder import open_encoder
 
@@ -142,7 +143,7 @@ def main() -> None:
             "torch": torch.__version__,
             "versions": package_versions(),
             "torch_threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(),
+            "machine": platform.machine(), **cpu_summary(),
             "batch_size": BATCH,
             "texts": {name: len(texts) for name, texts in sets.items()},
             "forms": {},

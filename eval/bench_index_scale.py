@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spt_embed.hardware import cpu_name
 from spt_embed.retrieval.faiss_factory import import_faiss, new_faiss_index, resolve_factory
 from spt_embed.retrieval.indexing import write_ondisk_index
 from spt_embed.retrieval.metadata import INDEX_FILE, IVFDATA_FILE, IndexMetadata
@@ -90,16 +90,6 @@ def needs(n: int, dimension: int) -> tuple[int, int]:
     memory = 2 * vectors + n * 400 + 512 * 2**20
     disk = 2 * vectors + n * 600 + 256 * 2**20
     return memory, disk
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def search_times(faiss_index, queries: np.ndarray, single: int) -> dict:

@@ -212,6 +212,7 @@ def main() -> None:
 
     if args.texts == "wiki" and "triplets" in args.kinds:
         args.kinds = ["pairs"]  # wiki lines have no hard negatives
+    from spt_embed.hardware import cpu_summary
     from spt_embed.model.module import SuffixPromptModule
 
     args.pack_tokens = args.pack_tokens or SuffixPromptModule.DEFAULT_PACK_TOKENS
@@ -269,7 +270,8 @@ def main() -> None:
             ratios[kind]["deep_suffix_meets_target"] = ratios[kind]["deep_suffix_over_forward"] <= 1.3
     report = {
         "command": "python train/bench_step.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+        "machine": {"cpus": torch.get_num_threads(), **cpu_summary(), "platform": platform.platform(),
+                    "torch": torch.__version__,
                     "device": args.device,
                     "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
         "batch_size": args.batch_size,

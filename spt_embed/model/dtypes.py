@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from pathlib import Path
 
 import torch
+
+from spt_embed.hardware import cpu_flags
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +45,7 @@ def weights_dtype(model: torch.nn.Module) -> str:
 @functools.cache
 def native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (Linux: the avx512_bf16 or amx_bf16 cpuinfo flag)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_dtype(value: str | torch.dtype) -> torch.dtype:

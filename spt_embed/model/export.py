@@ -41,6 +41,7 @@ from tokenizers.processors import TemplateProcessing
 
 from spt_embed._version import __version__
 from spt_embed.atomic import atomic_folder, write_json
+from spt_embed.hardware import cpu_flags
 from spt_embed.model.config import AdapterMethod, Placement, Readout
 from spt_embed.model.encoder import is_baseline_folder, load, resolve_adapter_path
 from spt_embed.model.module import SuffixPromptModule
@@ -140,14 +141,7 @@ def onnx_int8_preset() -> str:
     """sentence-transformers' name of the ONNX Runtime dynamic int8 preset for this machine's CPU."""
     if platform.machine().lower() in ("arm64", "aarch64"):
         return "arm64"
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:  # not Linux: the preset every x86-64 CPU of the last decade runs
-        pass
+    flags = cpu_flags()  # empty where unknown (not Linux): then the preset every x86-64 CPU of the last decade runs
     if "avx512_vnni" in flags:
         return "avx512_vnni"
     if "avx512f" in flags:
