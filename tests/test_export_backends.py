@@ -173,3 +173,55 @@ def test_adapters_that_cannot_be_exported_are_refused_for_every_backend(
 
 def test_int8_preset_is_one_sentence_transformers_offers():
     assert onnx_int8_preset() in ("arm64", "avx2", "avx512", "avx512_vnni")
+
+
+# ----- encoding and indexing with an exported model file (--backend on index / encode / search) ----------------
+
+
+@needs("openvino")
+def test_index_and_search_run_on_the_openvino_file(llama_adapter, tmp_path, capsys):
+    import numpy as np
+
+    from spt_embed.model.encoder import open_encoder
+    from spt_embed.model.identity import model_fingerprint
+    from spt_embed.retrieval.index import load_index
+    from spt_embed.retrieval.indexing import index_corpus
+
+    out = spt_embed.export(llama_adapter, tmp_path / "ov", backend="openvino")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(SENTENCES)))
+    index_corpus(str(out), corpus, tmp_path / "idx", backend="openvino")
+    index = load_index(tmp_path / "idx")
+    assert index.metadata.backend == "openvino"
+    # Queries are encoded by the recorded backend, reopened from the recorded spec: each document finds itself.
+    assert [row[0].id for row in index.search(SENTENCES, k=1)] == [f"d{i}" for i in range(len(SENTENCES))]
+    assert index.model.get_backend() == "openvino" and type(index.model.transformers_model).__name__.startswith("OV")
+    # The same folder on PyTorch is another fingerprint: its queries are refused by this index.
+    torch_model = open_encoder(str(out))
+    assert model_fingerprint(torch_model) != model_fingerprint(index.model)
+    with pytest.raises(ValueError, match="fingerprint"):
+        index.model = torch_model
+    assert main(["encode", "--model", str(out), "--backend", "openvino", "--input", str(corpus),
+                 "--output", str(tmp_path / "e.npy")]) == 0
+    got = torch.from_numpy(np.load(tmp_path / "e.npy"))
+    assert cosines(got, torch_model.encode(SENTENCES, convert_to_tensor=True)).min() >= 0.999
+
+
+def test_backend_runs_exported_folders_only(llama_adapter, tmp_path, capsys):
+    from spt_embed.model.encoder import open_encoder
+
+    with pytest.raises(ValueError, match=r"is a spt-embed adapter; backend 'openvino' runs an exported model file\. "
+                       r"Export it first: `spt-embed export .* OUT --backend openvino`"):
+        open_encoder(str(llama_adapter), backend="openvino")
+    plain = spt_embed.export(llama_adapter, tmp_path / "plain")  # PyTorch only: no openvino/ file in it
+    with pytest.raises(FileNotFoundError, match=r"has no openvino/openvino_model\.xml, the file backend 'openvino' "
+                       r"runs\. Export the adapter with `spt-embed export ADAPTER .* --backend openvino --overwrite`"):
+        open_encoder(str(plain), backend="openvino")
+    with pytest.raises(ValueError, match="dtype 'bfloat16' sets PyTorch weights; backend 'onnx' runs its exported"):
+        open_encoder(str(plain), backend="onnx", dtype="bfloat16")
+    with pytest.raises(ValueError, match="Unknown backend 'tensorrt'; choose one of torch, onnx, openvino"):
+        open_encoder(str(plain), backend="tensorrt")
+    code = main(["index", "--model", str(plain), "--corpus", str(tmp_path / "c.jsonl"), "--output",
+                 str(tmp_path / "idx"), "--engine", "ray", "--backend", "openvino"])
+    assert code == 2 and "--backend openvino applies to --engine local" in capsys.readouterr().err
+    assert not (tmp_path / "idx").exists()

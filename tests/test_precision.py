@@ -84,7 +84,8 @@ def test_bytes_per_vector(tmp_path, precision, index_type, dimension, expected):
     assert read_metadata(tmp_path / "idx").bytes_per_vector == expected
     assert load_index(tmp_path / "idx").bytes_per_vector == expected
     rescore = dimension if precision == "binary-int8" else None
-    assert index.rescore_bytes_per_vector == rescore and load_index(tmp_path / "idx").rescore_bytes_per_vector == rescore
+    assert index.rescore_bytes_per_vector == rescore
+    assert load_index(tmp_path / "idx").rescore_bytes_per_vector == rescore
 
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw"])
@@ -224,11 +225,12 @@ def test_index_folder_without_precision_loads_as_float32(tmp_path):
     vector_index(vectors).save(tmp_path / "idx")
     meta_file = tmp_path / "idx" / META_FILE
     data = json.loads(meta_file.read_text(encoding="utf-8"))
-    for name in ("precision", "rescore_multiplier", "calibration", "bytes_per_vector"):
+    for name in ("precision", "rescore_multiplier", "calibration", "bytes_per_vector", "backend"):
         del data[name]
     meta_file.write_text(json.dumps(data), encoding="utf-8")
     loaded = load_index(tmp_path / "idx")
     assert loaded.metadata.precision == "float32" and loaded.bytes_per_vector == 64
+    assert loaded.metadata.backend == "torch"
     assert hits(loaded, vectors[:3], k=1) == [[(f"v{i}", 1.0)] for i in range(3)]
 
 

@@ -8,7 +8,7 @@ import logging
 import re
 from pathlib import Path
 
-from spt_embed.cli.options import MODEL_HELP, add_dtype_argument
+from spt_embed.cli.options import MODEL_HELP, add_backend_argument, add_dtype_argument
 from spt_embed.retrieval.corpus import CorpusFormat
 from spt_embed.retrieval.faiss_factory import IndexType
 from spt_embed.retrieval.metadata import DEFAULT_BLOCK_SIZE, OnDuplicate, ShardMetadata, read_metadata
@@ -68,6 +68,7 @@ def add_index_parsers(subparsers) -> None:
     idx.add_argument("--shard", default=None, help="i/N: encode only records r with r %% N == i, into a shard folder")
     idx.add_argument("--batch-size", type=int, default=32)
     add_dtype_argument(idx)
+    add_backend_argument(idx)
     idx.add_argument(
         "--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="documents per saved part (resume granularity)"
     )
@@ -152,6 +153,8 @@ def run_index(args: argparse.Namespace) -> None:
     if args.engine == "ray":
         if args.shard is not None:
             raise ValueError("--shard splits the work by hand; --engine ray spreads it over the cluster: use one.")
+        if args.backend != "torch":
+            raise ValueError(f"--backend {args.backend} applies to --engine local; Ray workers encode with torch.")
         from spt_embed.retrieval.ray_encoding import index_corpus_ray
 
         output = index_corpus_ray(args.model, args.corpus, args.output, **options, **ray_options)
@@ -162,7 +165,7 @@ def run_index(args: argparse.Namespace) -> None:
             raise ValueError(f"{flags} only apply to --engine ray.")
         from spt_embed.retrieval.indexing import index_corpus
 
-        output = index_corpus(args.model, args.corpus, args.output, shard=args.shard, **options)
+        output = index_corpus(args.model, args.corpus, args.output, shard=args.shard, backend=args.backend, **options)
     if args.shard is not None:
         meta = ShardMetadata.load(output)
         print(f"shard {meta.shard}: {meta.count} documents in {output}; merge all shards with `spt-embed index-merge`")
@@ -207,7 +210,7 @@ def run_search(args: argparse.Namespace) -> None:
         from spt_embed.model.encoder import open_encoder
 
         # Checked against the index's fingerprint and dimension.
-        index.model = open_encoder(args.model, dtype=index.metadata.dtype)
+        index.model = open_encoder(args.model, dtype=index.metadata.dtype, backend=index.metadata.backend)
     if args.corpus is not None:
         if index.metadata.corpus is None:
             raise ValueError(f"{args.index} records no corpus layout (merged from several files): no snippets.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from spt_embed.cli.options import MODEL_HELP, add_dtype_argument
+from spt_embed.cli.options import MODEL_HELP, add_backend_argument, add_dtype_argument
 
 
 def add_encode_parser(subparsers) -> None:
@@ -27,6 +27,7 @@ def add_encode_parser(subparsers) -> None:
     )
     enc.add_argument("--batch-size", type=int, default=32)
     add_dtype_argument(enc)
+    add_backend_argument(enc)
     enc.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     enc.set_defaults(func=run_encode)
 
@@ -84,7 +85,7 @@ def run_encode(args: argparse.Namespace) -> None:
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it.")
     texts = read_texts(args.input, text_field=args.text_field)
-    model = open_encoder(args.model, dtype=args.dtype)
+    model = open_encoder(args.model, dtype=args.dtype, backend=args.backend)
     embeddings = model.encode(
         texts,
         batch_size=args.batch_size,

@@ -30,6 +30,18 @@ def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    """The `--backend` option of the commands that encode: what runs an exported model."""
+    parser.add_argument(
+        "--backend",
+        choices=["torch", "onnx", "openvino"],
+        default="torch",
+        help="torch (default), or the onnx / openvino model file that `spt-embed export --backend ...` wrote into "
+        "the --model folder, run by sentence-transformers' backend on the CPU (OpenVINO computes in bfloat16 by "
+        "itself on CPUs with AMX or AVX512-BF16); needs the matching extra",
+    )
+
+
 def add_recipe_command(
     subparsers,
     name: str,

@@ -173,9 +173,17 @@ def open_encoder(
     device: str | None = None,
     dtype: str | torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    backend: str = "torch",
 ) -> SentenceTransformer:
     """Any encoder a command accepts: a spt-embed adapter (folder or bundled name), a SentenceTransformer folder
-    or a reference encoder, with its weights in `dtype`. No code from the folder runs unless `trust_remote_code`."""
+    or a reference encoder, with its weights in `dtype`. No code from the folder runs unless `trust_remote_code`.
+
+    `backend` "onnx" or "openvino": the model file that `spt-embed export --backend ...` wrote into an exported
+    folder, run by sentence-transformers' own backend on the CPU (spt_embed.model.export.open_exported)."""
+    if backend != "torch":
+        from spt_embed.model.export import open_exported
+
+        return open_exported(spec, backend, dtype=dtype, device=device)
     dtype = resolve_dtype(dtype)
     kind, folder = classify(spec).encoder_folder(
         backbone_advice=f"train a suffix prompt on it (`spt-embed train`) or build an untrained one with "

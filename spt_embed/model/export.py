@@ -168,6 +168,57 @@ def _special_tokens_around_text(tokenizer) -> tuple[list[int], list[int]]:
     raise ValueError("Cannot locate the text inside the tokenizer's special-token template; export unsupported.")
 
 
+def open_exported(
+    spec: str | os.PathLike, backend: str | ExportBackend, *, dtype: str | torch.dtype = "float32",
+    device: str | None = None,
+) -> SentenceTransformer:
+    """A SentenceTransformer folder run on the model file that `spt-embed export --backend onnx|openvino` wrote into
+    it, through sentence-transformers' own `backend=...`, checked as every folder is (spt_embed.model.loading). Its
+    fingerprint covers that file (`spt_backend_file`; spt_embed.model.identity.model_fingerprint), so an index built
+    with it is searched with the same file. The runtime chooses its own precision: `dtype` must be float32 (or
+    auto); OpenVINO itself computes in bfloat16 on CPUs with AMX or AVX512-BF16."""
+    from spt_embed.model.dtypes import resolve_dtype
+    from spt_embed.model.loading import load_folder
+    from spt_embed.model.specs import classify
+
+    try:
+        backend = ExportBackend(backend)
+    except ValueError:
+        raise ValueError(
+            f"Unknown backend {backend!r}; choose one of {', '.join(b.value for b in ExportBackend)}."
+        ) from None
+    if backend is ExportBackend.TORCH:
+        raise ValueError("open_exported runs an onnx or openvino model file; open PyTorch models with open_encoder.")
+    if dtype != "auto" and resolve_dtype(dtype) != torch.float32:
+        raise ValueError(
+            f"dtype {dtype!r} sets PyTorch weights; backend {backend.value!r} runs its exported file at the "
+            f"runtime's own precision (a smaller one comes from `spt-embed export --quantize int8`). Drop --dtype."
+        )
+    if device not in (None, "cpu"):
+        raise ValueError(f"backend {backend.value!r} runs on the CPU here; for device {device!r} use backend torch.")
+    kind, folder = classify(spec).encoder_folder(
+        backbone_advice=f"train a suffix prompt on it, export it with `spt-embed export ADAPTER OUT --backend "
+        f"{backend.value}`, and pass OUT."
+    )
+    if kind == "adapter":
+        raise ValueError(
+            f"{spec} is a spt-embed adapter; backend {backend.value!r} runs an exported model file. Export it "
+            f"first: `spt-embed export {spec} OUT --backend {backend.value}` (Python: spt_embed.export(..., "
+            f"backend={backend.value!r})), then pass OUT."
+        )
+    file = folder / BACKEND_FILES[backend]
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {BACKEND_FILES[backend]}, the file backend {backend.value!r} runs. Export the adapter "
+            f"with `spt-embed export ADAPTER {folder} --backend {backend.value} --overwrite`, or open it with "
+            f"backend torch."
+        )
+    require_backend(backend)
+    model = load_folder(folder, SentenceTransformer, device="cpu", backend=backend.value)
+    model.spt_backend_file = str(file)
+    return model
+
+
 def export(
     adapter: str | os.PathLike | SentenceTransformer,
     output: str | os.PathLike,

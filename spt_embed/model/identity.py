@@ -86,8 +86,22 @@ def model_fingerprint(model) -> tuple[str, str]:
         for key, tensor in sorted(first.adapter_tensors().items(), key=lambda item: item[0] != "soft_prompt"):
             digest.update(tensor.detach().to(torch.float32).cpu().numpy().tobytes())  # the soft prompt first
         return digest.hexdigest()[:16], backbone
-    hash_weight_sample(digest, model.state_dict(), with_shapes=True)
+    backend_file = getattr(model, "spt_backend_file", None)
+    if backend_file:  # an onnx / openvino model file (spt_embed.model.export.open_exported): every byte of its folder
+        hash_files(digest, sorted(Path(backend_file).parent.iterdir()))
+    else:
+        hash_weight_sample(digest, model.state_dict(), with_shapes=True)
     return digest.hexdigest()[:16], ""
+
+
+def hash_files(digest, files: list[Path], chunk: int = 2**20) -> None:
+    """Feed `digest` each file's name and bytes (an exported model file and its weights: hundreds of MB, ~1 s)."""
+    for file in files:
+        if file.is_file():
+            digest.update(file.name.encode())
+            with file.open("rb") as handle:
+                while block := handle.read(chunk):
+                    digest.update(block)
 
 
 def prompt_routes(model) -> dict[str, str]:

@@ -170,10 +170,12 @@ def load_folder(
     device: str | None = None,
     first: type | None = None,
     trust_remote_code: bool = False,
+    backend: str = "torch",
 ) -> Model:
     """`model_class` (a SentenceTransformer) built from the modules `folder` saved, with nothing of the folder's
     code run; everything is checked before anything loads. `model_kwargs` go to every module's `load` (ours read
-    `dtype`, `backbone`, `allow_backbone_mismatch`); `first`: the class the first module must be.
+    `dtype`, `backbone`, `allow_backbone_mismatch`); `first`: the class the first module must be. `backend`: what
+    sentence-transformers' Transformer module runs on ("onnx", "openvino": the model file an export wrote).
 
     With `trust_remote_code=True` sentence-transformers loads the folder as it is, code and all."""
     if trust_remote_code:
@@ -184,6 +186,7 @@ def load_folder(
             local_files_only=True,
             model_kwargs=dict(model_kwargs or {}),
             device=device,
+            backend=backend,
         )
     entries = read_modules(folder)
     classes = resolve_classes(entries, folder)
@@ -205,7 +208,8 @@ def load_folder(
             )
     settings = read_settings(folder, model_class)
     # use_safetensors: transformers reads weights from safetensors only, never from a pickled pytorch_model.bin.
-    options = {"use_safetensors": True, **(model_kwargs or {})}
+    # (The onnx and openvino backends read their own model file, and Optimum takes no such option.)
+    options = {**({"use_safetensors": True} if backend == "torch" else {}), **(model_kwargs or {})}
     modules = OrderedDict(
         (
             entry.name,
@@ -215,12 +219,12 @@ def load_folder(
                 local_files_only=True,
                 trust_remote_code=False,
                 model_kwargs=dict(options),
-                backend="torch",
+                backend=backend,
             ),
         )
         for entry, cls in zip(entries, classes)
     )
-    model = model_class(modules=modules, device=device, local_files_only=True, **settings)
+    model = model_class(modules=modules, device=device, local_files_only=True, backend=backend, **settings)
     if any(entry.kwargs for entry in entries):
         model.module_kwargs = OrderedDict((entry.name, entry.kwargs) for entry in entries)
     return model

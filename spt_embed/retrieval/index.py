@@ -151,7 +151,7 @@ class Index:
                 raise ValueError("This index records no model spec; pass the model: load_index(path, model=...).")
             from spt_embed.model.encoder import open_encoder
 
-            self.model = open_encoder(self.metadata.model, dtype=self.metadata.dtype)
+            self.model = open_encoder(self.metadata.model, dtype=self.metadata.dtype, backend=self.metadata.backend)
         return self._model
 
     @model.setter
@@ -201,7 +201,7 @@ class Index:
         """Top-k hits per query, best first. `queries`: texts (encoded here) or an (n, dimension) array.
 
         A k larger than the index is clamped to its size with a warning; approximate indexes may return fewer hits.
-        int8 and binary indexes fetch k * `rescore_multiplier` candidates (default: metadata.rescore_multiplier) and
+        Compressed indexes fetch k * `rescore_multiplier` candidates (default: metadata.rescore_multiplier) and
         rescore them with the float queries; 0 keeps the compressed index's own ranking and scores.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -378,8 +378,8 @@ def build_index(
     For corpora on disk, streamed and resumable, use spt_embed.index_corpus. `model_spec` is recorded so that a
     loaded index can reopen its model by itself. Empty (or all-whitespace) texts are left out with a warning, as
     index_corpus does: their embedding is the prompt's alone, which would rank high for unrelated queries.
-    `precision`: float32, int8 or binary document vectors (int8 and binary with flat or hnsw only); their searches
-    rescore k * `rescore_multiplier` candidates by default.
+    `precision`: float32, int8, binary or binary-int8 document vectors (compressed ones with flat or hnsw only);
+    their searches rescore k * `rescore_multiplier` candidates by default.
     """
     precision = check_precision(precision, index_type)
     check_rescore_multiplier(rescore_multiplier)
@@ -411,6 +411,7 @@ def build_index(
         query_prompt=query_prompt,
         prompt_routes=prompt_routes(model),
         dtype=weights_dtype(model),
+        backend=model.get_backend(),
         precision=precision.value,
         rescore_multiplier=rescore_multiplier,
         skipped_empty=len(empty),

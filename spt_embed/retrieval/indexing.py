@@ -301,6 +301,7 @@ def index_corpus(
     keep_parts: bool = False,
     model_spec: str | None = None,
     dtype: str = "float32",
+    backend: str = "torch",
 ) -> Path:
     """Encode a corpus file and write an index folder at `output` (or, with `shard`, a shard folder to merge).
 
@@ -308,8 +309,10 @@ def index_corpus(
     SentenceTransformer (then pass `model_spec` for the index to record how to reopen it). Without `shard`, the
     embeddings go to `OUTPUT.parts/` first, so that a killed run resumes; it is removed at the end unless
     `keep_parts`. With `shard`, `overwrite` deletes an existing shard folder instead of resuming it. `dtype`: the
-    weights' dtype a model spec is opened in (recorded; search encodes queries in it). `precision`: float32, int8 or
-    binary document vectors (int8 and binary with flat or hnsw only; a shard records it for the merge); their
+    weights' dtype a model spec is opened in (recorded; search encodes queries in it); `backend`: "onnx" or
+    "openvino" runs the model file an export wrote (spt_embed.model.export.open_exported; recorded, as dtype is).
+    `precision`: float32, int8 or
+    binary(-int8) document vectors (compressed ones with flat or hnsw only; a shard records it for the merge); their
     searches rescore k * `rescore_multiplier` candidates by default.
     """
     # Checked before the model is opened: a refused combination costs no encoding.
@@ -319,7 +322,7 @@ def index_corpus(
         from spt_embed.model.encoder import open_encoder
 
         model_spec = _model_spec(model) if model_spec is None else model_spec
-        model = open_encoder(model_spec, dtype=dtype)
+        model = open_encoder(model_spec, dtype=dtype, backend=backend)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     corpus = CorpusSpec(

@@ -64,6 +64,10 @@ class IndexMetadata:
         metadata={"help": "SPT with task prompts: the soft prompt documents and queries go through (prompt_routes)."},
     )
     dtype: str = field(default="float32", metadata={"help": "Weights' dtype of the encoder; queries are encoded in it."})
+    backend: str = field(
+        default="torch",
+        metadata={"help": "What runs the encoder: torch, or the onnx / openvino file of an export; queries use it too."},
+    )
     precision: str = field(
         default=Precision.FLOAT32.value,
         metadata={"help": "How document vectors are stored: float32, int8 (1 byte per dimension) or binary (1 bit)."},
@@ -117,6 +121,7 @@ class ShardMetadata:
         default_factory=dict, metadata={"help": "SPT with task prompts: the soft prompt of documents and queries."}
     )
     dtype: str = field(default="float32", metadata={"help": "Weights' dtype of the encoder (resume in the same)."})
+    backend: str = field(default="torch", metadata={"help": "torch, or the exported onnx / openvino file that ran."})
     index_type: str = field(default=IndexType.FLAT.value, metadata={"help": "Index type the merge builds by default."})
     precision: str = field(default=Precision.FLOAT32.value, metadata={"help": "Precision the merge stores by default."})
     rescore_multiplier: int = field(
@@ -171,6 +176,7 @@ def index_metadata_from(record, index_type: str) -> IndexMetadata:
         prompt_routes=record.prompt_routes,
         corpus=record.corpus,
         dtype=record.dtype,
+        backend=getattr(record, "backend", "torch"),
     )
 
 

@@ -176,6 +176,7 @@ def encode_shard(
         query_prompt=query_prompt,
         prompt_routes=prompt_routes(model),
         dtype=weights_dtype(model),
+        backend=model.get_backend(),
         index_type=enum_text(index_type),
         precision=enum_text(precision),
         rescore_multiplier=rescore_multiplier,
@@ -245,8 +246,8 @@ def encode_shard(
 
 def _mismatch(found: ShardMetadata, wanted: ShardMetadata) -> str | None:
     """The first setting that differs between a shard folder and a new job, as 'name=found, not wanted'."""
-    for name in ("fingerprint", "dimension", "dtype", "corpus", "shard", "block_size", "query_prompt", "on_duplicate",
-                 "prompt_routes"):
+    for name in ("fingerprint", "dimension", "dtype", "backend", "corpus", "shard", "block_size", "query_prompt",
+                 "on_duplicate", "prompt_routes"):
         if getattr(found, name) != getattr(wanted, name):
             return f"{name}={getattr(found, name)!r}, not {getattr(wanted, name)!r}"
     return None
