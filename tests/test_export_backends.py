@@ -225,3 +225,9 @@ def test_backend_runs_exported_folders_only(llama_adapter, tmp_path, capsys):
                  str(tmp_path / "idx"), "--engine", "ray", "--backend", "openvino"])
     assert code == 2 and "--backend openvino applies to --engine local" in capsys.readouterr().err
     assert not (tmp_path / "idx").exists()
+
+
+def test_cli_backend_choices_are_the_export_backends():
+    from spt_embed.cli.options import BACKEND_CHOICES
+
+    assert BACKEND_CHOICES == tuple(backend.value for backend in ExportBackend)

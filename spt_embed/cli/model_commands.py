@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from spt_embed.cli.options import MODEL_HELP, add_backend_argument, add_dtype_argument
+from spt_embed.cli.options import BACKEND_CHOICES, MODEL_HELP, add_backend_argument, add_dtype_argument
 
 
 def add_encode_parser(subparsers) -> None:
@@ -49,7 +49,7 @@ def add_export_parser(subparsers) -> None:
     )
     exp.add_argument(
         "--backend",
-        choices=["torch", "onnx", "openvino"],
+        choices=BACKEND_CHOICES,
         default="torch",
         help="torch (default): the plain folder; onnx / openvino: also the files SentenceTransformer(OUT, "
         "backend=...) loads, made by sentence-transformers' exporters (needs pip install 'spt-embed[onnx]' or "

@@ -16,6 +16,8 @@ from spt_embed.recipe import RecipeConfig, enum_text
 # The names of spt_embed.model.dtypes.DTYPES, which maps them to torch dtypes.
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 MODEL_HELP = "adapter folder, bundled adapter name or SentenceTransformer folder"
+# The values of spt_embed.model.export.ExportBackend: what runs a model (export writes the files of the last two).
+BACKEND_CHOICES = ("torch", "onnx", "openvino")
 
 
 def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +36,7 @@ def add_backend_argument(parser: argparse.ArgumentParser) -> None:
     """The `--backend` option of the commands that encode: what runs an exported model."""
     parser.add_argument(
         "--backend",
-        choices=["torch", "onnx", "openvino"],
+        choices=BACKEND_CHOICES,
         default="torch",
         help="torch (default), or the onnx / openvino model file that `spt-embed export --backend ...` wrote into "
         "the --model folder, run by sentence-transformers' backend on the CPU (OpenVINO computes in bfloat16 by "
