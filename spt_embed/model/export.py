@@ -174,10 +174,11 @@ def open_exported(
 ) -> SentenceTransformer:
     """A SentenceTransformer folder run on the model file that `spt-embed export --backend onnx|openvino` wrote into
     it, through sentence-transformers' own `backend=...`, checked as every folder is (spt_embed.model.loading). Its
-    fingerprint covers that file (`spt_backend_file`; spt_embed.model.identity.model_fingerprint), so an index built
-    with it is searched with the same file. The runtime chooses its own precision: `dtype` must be float32 (or
-    auto); OpenVINO itself computes in bfloat16 on CPUs with AMX or AVX512-BF16."""
+    fingerprint covers that file (`spt_backend_digest`, read once here; spt_embed.model.identity.model_fingerprint),
+    so an index built with it is searched with the same file. The runtime chooses its own precision: `dtype` must be
+    float32 (or auto); OpenVINO itself computes in bfloat16 on CPUs with AMX or AVX512-BF16."""
     from spt_embed.model.dtypes import resolve_dtype
+    from spt_embed.model.identity import files_digest
     from spt_embed.model.loading import load_folder
     from spt_embed.model.specs import classify
 
@@ -215,7 +216,7 @@ def open_exported(
         )
     require_backend(backend)
     model = load_folder(folder, SentenceTransformer, device="cpu", backend=backend.value)
-    model.spt_backend_file = str(file)
+    model.spt_backend_digest = files_digest(sorted(file.parent.iterdir()))
     return model
 
 

@@ -86,22 +86,24 @@ def model_fingerprint(model) -> tuple[str, str]:
         for key, tensor in sorted(first.adapter_tensors().items(), key=lambda item: item[0] != "soft_prompt"):
             digest.update(tensor.detach().to(torch.float32).cpu().numpy().tobytes())  # the soft prompt first
         return digest.hexdigest()[:16], backbone
-    backend_file = getattr(model, "spt_backend_file", None)
-    if backend_file:  # an onnx / openvino model file (spt_embed.model.export.open_exported): every byte of its folder
-        hash_files(digest, sorted(Path(backend_file).parent.iterdir()))
+    backend_digest = getattr(model, "spt_backend_digest", None)
+    if backend_digest:  # an onnx / openvino model file (spt_embed.model.export.open_exported), hashed when opened
+        digest.update(backend_digest.encode())
     else:
         hash_weight_sample(digest, model.state_dict(), with_shapes=True)
     return digest.hexdigest()[:16], ""
 
 
-def hash_files(digest, files: list[Path], chunk: int = 2**20) -> None:
-    """Feed `digest` each file's name and bytes (an exported model file and its weights: hundreds of MB, ~1 s)."""
+def files_digest(files: list[Path], chunk: int = 2**20) -> str:
+    """sha256 of each file's name and bytes (an exported model file and its weights: hundreds of MB, about 1 s)."""
+    digest = hashlib.sha256()
     for file in files:
         if file.is_file():
             digest.update(file.name.encode())
             with file.open("rb") as handle:
                 while block := handle.read(chunk):
                     digest.update(block)
+    return digest.hexdigest()
 
 
 def prompt_routes(model) -> dict[str, str]:
