@@ -70,6 +70,26 @@ def test_budget_stops_a_run(tmp_path, backbones, monkeypatch):
     assert row["steps"] == 1
 
 
+def test_stop_at_step_keeps_the_schedule_of_max_steps(tmp_path, backbones, monkeypatch):
+    """stop_at_step ends a run early (a budget carried from another machine as steps) with the learning rate still
+    laid out over max_steps; the row says so and records this machine's CPU."""
+    monkeypatch.setenv("SPT_EMBED_DATA", str(write_toy_data(tmp_path / "data")))
+    compare = load_compare()
+    spec_path = write_spec(tmp_path, backbones["llama"])
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["runs"][0]["stop_at_step"] = 2
+    spec_path.write_text(yaml.safe_dump(spec))
+    assert compare.main([str(spec_path), "--only", "a"]) == 0
+    budget = json.loads((tmp_path / "runs" / "a" / "budget.json").read_text())
+    assert budget["stopped_at_step"] == 2 and budget["stopped_by_budget"] is False
+    row = json.loads((tmp_path / "results" / "cmp.jsonl").read_text().splitlines()[0])
+    assert row["steps"] == 2 and row["stopped_at_step"] == 2 and row["cpu"]
+    lrs = [r["learning_rate"] for r in map(json.loads, (tmp_path / "runs" / "a" / "train_log.jsonl").read_text()
+                                            .splitlines()) if "learning_rate" in r]
+    assert lrs[-1] > 0.4 * 3e-2  # linear decay over 4 steps, not over 2 (which would end near 0)
+    assert "| a | 2 (stop_at_step) |" in (tmp_path / "results" / "cmp.md").read_text()
+
+
 def test_report_keeps_recorded_rows_of_runs_not_on_this_machine(tmp_path, backbones, monkeypatch):
     monkeypatch.setenv("SPT_EMBED_DATA", str(write_toy_data(tmp_path / "data")))
     compare = load_compare()
@@ -81,6 +101,13 @@ def test_report_keeps_recorded_rows_of_runs_not_on_this_machine(tmp_path, backbo
     rows = [json.loads(line) for line in (tmp_path / "results" / "cmp.jsonl").read_text().splitlines()]
     assert [row["name"] for row in rows] == ["a", "b"]
     assert json.dumps(rows[0]) + "\n" == first
+    spec_data = yaml.safe_load(spec.read_text())
+    spec_data["runs"][0]["cpu"] = "a CPU named in the spec"  # a recorded row from before rows recorded their CPU
+    spec.write_text(yaml.safe_dump(spec_data))
+    first_row = {**json.loads(first), "cpu": None}
+    (tmp_path / "results" / "cmp.jsonl").write_text(json.dumps(first_row) + "\n" + json.dumps(rows[1]) + "\n")
+    assert compare.main([str(spec), "--report"]) == 0
+    assert "| a CPU named in the spec |" in (tmp_path / "results" / "cmp.md").read_text().splitlines()[2]
     assert "| a | 4 |" in (tmp_path / "results" / "cmp.md").read_text()
 
 

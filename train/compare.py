@@ -16,10 +16,18 @@ The spec (YAML):
       - name: spt-lr1e-2
         config: train/configs/smollm2-nli.yaml
         overrides: {max_steps: 600, lr: 1.0e-2, eval_steps: 100, save_steps: 100, eval_pairs: 0}
+      - name: lora-lr1e-3
+        config: train/configs/smollm2-nli-lora.yaml
+        overrides: {max_steps: 200, lr: 1.0e-3, eval_steps: 40, save_steps: 40, eval_pairs: 0}
+        stop_at_step: 159         # optional: the steps another run's budget held (on another machine, say)
+        cpu: AMD EPYC (AVX2)      # optional: where a recorded row ran, for rows from before the CPU was recorded
+        eval_dtype: float32       # optional: this run's, in place of the spec's
 
-A run stops at `max_steps` or when its training time reaches the budget, whichever comes first (the log says
-which); its learning-rate schedule is laid out over `max_steps`, so choose `max_steps` to fit the budget (the
-measured seconds per step are in the results). Only STS-B dev selects: the best dev checkpoint is what gets
+A run stops at `max_steps`, at `stop_at_step`, or when its training time reaches the budget, whichever comes first
+(the results say which); its learning-rate schedule is laid out over `max_steps`, so choose `max_steps` to fit the
+budget (the measured seconds per step are in the results). A wall-clock budget compares runs on one machine only;
+`stop_at_step` carries a budget to another machine as a step count: give a run the steps that its counterpart's
+minutes held where it ran, with the same schedule. Every row records its CPU. Only STS-B dev selects: the best dev checkpoint is what gets
 evaluated on the reported test sets.
 """
 
@@ -63,10 +71,12 @@ class Budget(TrainerCallback):
     """Stops training once the time spent inside optimiser steps reaches `minutes`; also notes the trained
     parameters (counted when training starts, before LoRA is merged) and the process's peak memory."""
 
-    def __init__(self, minutes: float, seconds_before: float = 0.0):
+    def __init__(self, minutes: float, seconds_before: float = 0.0, stop_at_step: int | None = None):
         self.limit = minutes * 60
+        self.stop_at_step = stop_at_step
         self.seconds = seconds_before
         self.hit = False
+        self.hit_step = False
         self.trained_params: int | None = None
         self.peak_rss_mb: float | None = None
 
@@ -82,8 +92,9 @@ class Budget(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.seconds += time.monotonic() - self._start
-        if self.seconds >= self.limit:
-            self.hit = True
+        self.hit_step = self.stop_at_step is not None and state.global_step >= self.stop_at_step
+        if self.seconds >= self.limit or self.hit_step:
+            self.hit = not self.hit_step
             control.should_training_stop = True
             control.should_evaluate = control.should_save = True  # the last point still counts for selection
 
@@ -97,11 +108,14 @@ def train_run(run: dict, spec: dict, out: Path) -> None:
     resume = has_checkpoints(out)
     records = read_log(out)
     done = training_minutes(records)[-1][1] * 60 if resume and records else 0.0
-    budget = Budget(spec["budget_minutes"], seconds_before=done)
+    budget = Budget(spec["budget_minutes"], seconds_before=done, stop_at_step=run.get("stop_at_step"))
     logger.info("%s: training (%s)", run["name"], "resuming" if resume else "from scratch")
     # A run killed before its first checkpoint left a folder of ours with nothing to resume: start it again.
     spt_embed.train(config, resume=resume, overwrite=out.exists() and not resume, callbacks=[budget])
+    from spt_embed.hardware import cpu_summary
+
     record = {"budget_minutes": spec["budget_minutes"], "stopped_by_budget": budget.hit,
+              "stopped_at_step": run.get("stop_at_step") if budget.hit_step else None, **cpu_summary(),
               "training_seconds": round(budget.seconds, 1), "trained_params": budget.trained_params,
               "peak_rss_mb": round(budget.peak_rss_mb) if budget.peak_rss_mb else None}
     (out / "budget.json").write_text(json.dumps(record) + "\n")
@@ -161,8 +175,10 @@ def summarise(run: dict, spec: dict, out: Path) -> dict:
     return {
         "name": run["name"], "config": run["config"], "overrides": run.get("overrides", {}),
         "steps": steps, "training_minutes": round(total, 1),
+        "eval_dtype": run.get("eval_dtype", spec.get("eval_dtype", "float32")),
         "seconds_per_step": round(60 * total / steps, 2) if steps else None,
-        "stopped_by_budget": budget.get("stopped_by_budget"), "trained_params": budget.get("trained_params"),
+        "stopped_by_budget": budget.get("stopped_by_budget"), "stopped_at_step": budget.get("stopped_at_step"),
+        "cpu": budget.get("cpu") or run.get("cpu"), "trained_params": budget.get("trained_params"),
         "peak_rss_gb": round(budget["peak_rss_mb"] / 1024, 2) if budget.get("peak_rss_mb") else None,
         "encode_texts_per_s": speed.get("texts_per_s"), "dev_curve": dev,
         "best_dev": max((d for _, _, d in dev), default=None), "splits": spec.get("eval_splits") or "each task's own",
@@ -184,7 +200,8 @@ def collect_rows(spec: dict) -> list[dict]:
         if out.is_dir():
             rows.append(summarise(run, spec, out))
         elif run["name"] in recorded:
-            rows.append(recorded[run["name"]])
+            row = recorded[run["name"]]
+            rows.append({**row, "cpu": row.get("cpu") or run.get("cpu")})
     return rows
 
 
@@ -201,16 +218,18 @@ def write_report(rows: list[dict], spec: dict) -> None:
     split = f" ({'/'.join(spec['eval_splits'])})" if spec.get("eval_splits") else ""
     lines = ["| run | steps | training min | s/step | best STS-B dev during training | "
              + " | ".join(task + split for task in tasks)
-             + " | average | trained params | peak RSS GB (training) | encode texts/s |",
-             "|---|---:|---:|---:|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|"]
+             + " | average | trained params | peak RSS GB (training) | encode texts/s | CPU |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(tasks) + "---:|---:|---:|---:|---|"]
 
     def cell(value):
         return "–" if value is None else f"{value:,}" if isinstance(value, int) else value
 
     for row in rows:
-        cells = [row["name"], row["steps"], row["training_minutes"], row["seconds_per_step"], row["best_dev"],
+        steps = f"{row['steps']} (stop_at_step)" if row.get("stopped_at_step") else row["steps"]
+        cells = [row["name"], steps, row["training_minutes"], row["seconds_per_step"], row["best_dev"],
                  *(row["scores"].get(task, "–") for task in tasks), cell(row["average"]),
-                 cell(row.get("trained_params")), cell(row.get("peak_rss_gb")), cell(row.get("encode_texts_per_s"))]
+                 cell(row.get("trained_params")), cell(row.get("peak_rss_gb")), cell(row.get("encode_texts_per_s")),
+                 cell(row.get("cpu"))]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     write_text(base.with_suffix(".md"), "\n".join(lines) + "\n")
     plot_curves(rows, base.with_suffix(".png"), spec["budget_minutes"])
@@ -257,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if not finished(out):
             train_run(run, spec, out)
-        evaluate(str(out), spec["eval_tasks"], eval_dir(out, spec), dtype=spec.get("eval_dtype", "float32"),
+        run_spec = {**spec, "eval_dtype": run.get("eval_dtype", spec.get("eval_dtype", "float32"))}
+        evaluate(str(out), spec["eval_tasks"], eval_dir(out, spec), dtype=run_spec["eval_dtype"],
                  eval_splits=spec.get("eval_splits"))
-        encode_speed(out, spec)
+        encode_speed(out, run_spec)
     write_report(collect_rows(spec), spec)
     return 0
 
