@@ -1,0 +1,134 @@
+"""Issue 16's table: the prompt-tuning family against LoRA and the zero-shot template, from results files only.
+
+    python train/family_table.py            # writes train/results/family.md and train/results/family.png
+
+Rows (`ROWS` below): PromptEOL zero-shot (an `spt-embed eval` folder), then one row of the 60-minute comparison
+(`train/results/budget-60.jsonl`, written by `train/compare.py train/configs/budget-60.yaml`) per method. A method
+whose 60-minute run has not been recorded yet is shown as "not run". Columns: the four test scores and their
+average, trained parameters, training minutes and seconds per step of the 60-minute run, the step benchmark's
+median seconds and step memory for the method's step on 32 SNLI pairs (`train/results/bench_step.json`, one
+machine for all methods), and the encoder's texts/s as `compare.py` timed it. Nothing is recomputed here: every
+number comes from a results file named in the table's caption, so the table can be regenerated at any time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "eval"))
+from compare import read_scores  # noqa: E402  (eval/compare.py: main scores of an `spt-embed eval` folder)
+
+TASKS = ("STSBenchmark", "SICK-R", "SciFact", "Banking77Classification")
+# (label, method of the step benchmark, row of budget-60.jsonl or an `spt-embed eval` folder for the zero-shot row)
+ROWS = (
+    ("PromptEOL zero-shot (no training)", None, "eval/results/smollm2-prompteol-bf16"),
+    ("suffix (K = 16, fast path)", "fast", "suffix-template-graded"),
+    ("deep-suffix (K = 16 + per-layer offsets)", "deep-suffix", "deep-suffix-template-graded-fixed"),
+    ("prompt (K = 16 before the text)", "prompt", "prompt-graded"),
+    ("prefix (K = 16 keys/values per layer, peft)", "prefix", "prefix-graded"),
+    ("LoRA r = 16, lr 2e-4 (the recipe's rate)", "lora", "lora-graded"),
+    ("LoRA r = 16, lr 3e-3 (swept)", "lora", "lora-graded-lr3e-3"),
+)
+
+
+def load_rows(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no results file; run `python train/compare.py train/configs/budget-60.yaml`.")
+    return {row["name"]: row for row in map(json.loads, path.read_text(encoding="utf-8").splitlines()) if row}
+
+
+def bench_pairs(path: Path) -> dict[str, dict]:
+    """Mode -> the step benchmark's result for 32 pairs."""
+    if not path.is_file():
+        return {}
+    return {r["mode"]: r for r in json.loads(path.read_text(encoding="utf-8"))["results"] if r["kind"] == "pairs"}
+
+
+def table(budget: dict[str, dict], bench: dict[str, dict]) -> tuple[list[str], list[dict]]:
+    header = ["method", *TASKS, "average", "trained params", "training min", "s/step (60-min run)",
+              "bench s/step (32 pairs)", "bench step memory GB", "encode texts/s", "CPU of the run"]
+    rows = []
+    for label, mode, source in ROWS:
+        if mode is None:
+            scores = read_scores(REPO / source)
+            entry = {"label": label, "scores": {t: round(scores[t], 2) for t in TASKS if t in scores}}
+        elif source in budget:
+            row = budget[source]
+            entry = {"label": label, "scores": row["scores"], "params": row.get("trained_params"),
+                     "minutes": row.get("training_minutes"), "s_step": row.get("seconds_per_step"),
+                     "encode": row.get("encode_texts_per_s"), "cpu": row.get("cpu"),
+                     "steps_note": " (stop_at_step)" if row.get("stopped_at_step") else ""}
+        else:
+            entry = {"label": label, "scores": {}, "not_run": True}
+        if mode in bench:
+            entry["bench_s"] = round(bench[mode]["median_s"], 2)
+            entry["bench_mem"] = round(bench[mode]["step_mem_mb"] / 1024, 2)
+            if not entry.get("not_run") and entry.get("params") is None:  # a run from before compare.py counted them
+                entry["params"] = bench[mode].get("trainable_params")
+        scores = entry["scores"]
+        entry["average"] = round(sum(scores[t] for t in TASKS) / len(TASKS), 2) if all(t in scores for t in TASKS) else None
+        rows.append(entry)
+    return header, rows
+
+
+def markdown(header: list[str], rows: list[dict]) -> str:
+    def cell(value):
+        return "–" if value is None else f"{value:,}" if isinstance(value, int) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 2) + "---|"]
+    best = {t: max((r["scores"][t] for r in rows if t in r["scores"]), default=None) for t in TASKS}
+    for r in rows:
+        if r.get("not_run"):
+            lines.append(f"| {r['label']} | " + " | ".join(["not run"] + ["–"] * (len(header) - 2)) + " |")
+            continue
+        scores = [f"**{r['scores'][t]}**" if r["scores"].get(t) == best[t] else cell(r["scores"].get(t)) for t in TASKS]
+        cpu = (r.get("cpu") or "–").split(" (")[0]
+        lines.append("| " + " | ".join([r["label"], *scores, cell(r["average"]), cell(r.get("params")),
+                                        cell(r.get("minutes")), cell(r.get("s_step")), cell(r.get("bench_s")),
+                                        cell(r.get("bench_mem")), cell(r.get("encode")), cpu]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["scores"]]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(shown)
+    for i, r in enumerate(shown):
+        values = [r["scores"].get(t, 0) for t in TASKS]
+        ax.bar([x + i * width for x in range(len(TASKS))], values, width, label=r["label"])
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(TASKS))], [t.replace("Classification", "") for t in TASKS])
+    ax.set_ylabel("test main score x100")
+    ax.set_title("SmolLM2-135M, 60-minute training budget (2 CPU cores), STS-B train pairs in every trained row")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", type=Path, default=REPO / "train/results/budget-60.jsonl")
+    parser.add_argument("--bench", type=Path, default=REPO / "train/results/bench_step.json")
+    parser.add_argument("--out", type=Path, default=REPO / "train/results/family.md")
+    args = parser.parse_args(argv)
+    header, rows = table(load_rows(args.budget), bench_pairs(args.bench))
+    text = markdown(header, rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text, encoding="utf-8")
+    plot(rows, args.out.with_suffix(".png"))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
