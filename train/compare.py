@@ -27,8 +27,8 @@ A run stops at `max_steps`, at `stop_at_step`, or when its training time reaches
 (the results say which); its learning-rate schedule is laid out over `max_steps`, so choose `max_steps` to fit the
 budget (the measured seconds per step are in the results). A wall-clock budget compares runs on one machine only;
 `stop_at_step` carries a budget to another machine as a step count: give a run the steps that its counterpart's
-minutes held where it ran, with the same schedule. Every row records its CPU. Only STS-B dev selects: the best dev checkpoint is what gets
-evaluated on the reported test sets.
+minutes held where it ran, with the same schedule. Every row records its CPU. Only STS-B dev selects: the best dev
+checkpoint is what gets evaluated on the reported test sets.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from transformers import TrainerCallback
 import spt_embed
 from spt_embed.atomic import atomic_file, write_text
 from spt_embed.evaluation.evaluate import evaluate
+from spt_embed.hardware import cpu_summary
 from spt_embed.recipe import has_checkpoints
 from spt_embed.training.run_log import training_minutes
 
@@ -112,8 +113,6 @@ def train_run(run: dict, spec: dict, out: Path) -> None:
     logger.info("%s: training (%s)", run["name"], "resuming" if resume else "from scratch")
     # A run killed before its first checkpoint left a folder of ours with nothing to resume: start it again.
     spt_embed.train(config, resume=resume, overwrite=out.exists() and not resume, callbacks=[budget])
-    from spt_embed.hardware import cpu_summary
-
     record = {"budget_minutes": spec["budget_minutes"], "stopped_by_budget": budget.hit,
               "stopped_at_step": run.get("stop_at_step") if budget.hit_step else None, **cpu_summary(),
               "training_seconds": round(budget.seconds, 1), "trained_params": budget.trained_params,

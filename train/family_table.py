@@ -70,7 +70,8 @@ def table(budget: dict[str, dict], bench: dict[str, dict]) -> tuple[list[str], l
             if not entry.get("not_run") and entry.get("params") is None:  # a run from before compare.py counted them
                 entry["params"] = bench[mode].get("trainable_params")
         scores = entry["scores"]
-        entry["average"] = round(sum(scores[t] for t in TASKS) / len(TASKS), 2) if all(t in scores for t in TASKS) else None
+        complete = all(t in scores for t in TASKS)
+        entry["average"] = round(sum(scores[t] for t in TASKS) / len(TASKS), 2) if complete else None
         rows.append(entry)
     return header, rows
 
