@@ -242,10 +242,14 @@ def plot_curves(rows: list[dict], path: Path, budget: float) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    cpus = {row.get("cpu", "").split(" (")[0].split(",")[0] for row in rows}
     for row in rows:
         points = [(m, d) for _, m, d in row["dev_curve"] if m == m]  # m == m: NaN (no time logged) left out
+        # Minutes on different CPUs do not compare: where the rows ran on more than one, each label names its CPU.
+        cpu = (row.get("cpu") or "CPU not recorded").split(" (")[0].split(",")[0]
+        label = f"{row['name']} [{cpu}]" if len(cpus) > 1 else row["name"]
         if points:
-            ax.plot(*zip(*points), "o-", label=row["name"], markersize=3)
+            ax.plot(*zip(*points), "o-", label=label, markersize=3)
     ax.axvline(budget, color="grey", linestyle=":", label=f"budget ({budget:g} min)")
     ax.set_xlabel("training minutes (2 CPU cores; dev evaluations not counted)")
     ax.set_ylabel("STS-B dev Spearman x100 (all 1,500 pairs)")
