@@ -61,7 +61,7 @@ def table(budget: dict[str, dict], bench: dict[str, dict]) -> tuple[list[str], l
             entry = {"label": label, "scores": row["scores"], "params": row.get("trained_params"),
                      "minutes": row.get("training_minutes"), "s_step": row.get("seconds_per_step"),
                      "encode": row.get("encode_texts_per_s"), "cpu": row.get("cpu"),
-                     "steps_note": " (stop_at_step)" if row.get("stopped_at_step") else ""}
+                     "steps_note": f" ({row['steps']} steps, stop_at_step)" if row.get("stopped_at_step") else ""}
         else:
             entry = {"label": label, "scores": {}, "not_run": True}
         if mode in bench:
@@ -89,7 +89,7 @@ def markdown(header: list[str], rows: list[dict]) -> str:
         scores = [f"**{r['scores'][t]}**" if r["scores"].get(t) == best[t] else cell(r["scores"].get(t)) for t in TASKS]
         cpu = (r.get("cpu") or "–").split(" (")[0]
         lines.append("| " + " | ".join([r["label"], *scores, cell(r["average"]), cell(r.get("params")),
-                                        cell(r.get("minutes")), cell(r.get("s_step")), cell(r.get("bench_s")),
+                                        cell(r.get("minutes")) + r.get("steps_note", ""), cell(r.get("s_step")), cell(r.get("bench_s")),
                                         cell(r.get("bench_mem")), cell(r.get("encode")), cpu]) + " |")
     return "\n".join(lines) + "\n"
 
