@@ -19,8 +19,20 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "eval"))
-from compare import read_scores  # noqa: E402  (eval/compare.py: main scores of an `spt-embed eval` folder)
+
+
+def _eval_compare():
+    """eval/compare.py (main scores of an `spt-embed eval` folder), loaded by path: `compare` is also the name of
+    train/compare.py."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("spt_eval_compare", REPO / "eval" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+read_scores = _eval_compare().read_scores
 
 TASKS = ("STSBenchmark", "SICK-R", "SciFact", "Banking77Classification")
 # (label, method of the step benchmark, row of budget-60.jsonl or an `spt-embed eval` folder for the zero-shot row)
