@@ -174,7 +174,7 @@ def summarise(run: dict, spec: dict, out: Path) -> dict:
     return {
         "name": run["name"], "config": run["config"], "overrides": run.get("overrides", {}),
         "steps": steps, "training_minutes": round(total, 1),
-        "eval_dtype": run.get("eval_dtype", spec.get("eval_dtype", "float32")),
+        "eval_dtype": run_eval_dtype(run, spec),
         "seconds_per_step": round(60 * total / steps, 2) if steps else None,
         "stopped_by_budget": budget.get("stopped_by_budget"), "stopped_at_step": budget.get("stopped_at_step"),
         "cpu": budget.get("cpu") or run.get("cpu"), "trained_params": budget.get("trained_params"),
@@ -235,6 +235,16 @@ def write_report(rows: list[dict], spec: dict) -> None:
     print("\n".join(lines))
 
 
+def cpu_name(row: dict) -> str:
+    """The row's CPU without the notes after it ("AMD EPYC, AVX2 only (...)" -> "AMD EPYC")."""
+    return (row.get("cpu") or "CPU not recorded").split(" (")[0].split(",")[0]
+
+
+def run_eval_dtype(run: dict, spec: dict) -> str:
+    """The dtype a run is evaluated in: its own `eval_dtype`, else the spec's, else float32."""
+    return run.get("eval_dtype", spec.get("eval_dtype", "float32"))
+
+
 def plot_curves(rows: list[dict], path: Path, budget: float) -> None:
     import matplotlib
 
@@ -242,12 +252,11 @@ def plot_curves(rows: list[dict], path: Path, budget: float) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    cpus = {row.get("cpu", "").split(" (")[0].split(",")[0] for row in rows}
+    # Minutes on different CPUs do not compare: where the rows ran on more than one, each label names its CPU.
+    several = len({cpu_name(row) for row in rows}) > 1
     for row in rows:
         points = [(m, d) for _, m, d in row["dev_curve"] if m == m]  # m == m: NaN (no time logged) left out
-        # Minutes on different CPUs do not compare: where the rows ran on more than one, each label names its CPU.
-        cpu = (row.get("cpu") or "CPU not recorded").split(" (")[0].split(",")[0]
-        label = f"{row['name']} [{cpu}]" if len(cpus) > 1 else row["name"]
+        label = f"{row['name']} [{cpu_name(row)}]" if several else row["name"]
         if points:
             ax.plot(*zip(*points), "o-", label=label, markersize=3)
     ax.axvline(budget, color="grey", linestyle=":", label=f"budget ({budget:g} min)")
@@ -279,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if not finished(out):
             train_run(run, spec, out)
-        run_spec = {**spec, "eval_dtype": run.get("eval_dtype", spec.get("eval_dtype", "float32"))}
+        run_spec = {**spec, "eval_dtype": run_eval_dtype(run, spec)}
         evaluate(str(out), spec["eval_tasks"], eval_dir(out, spec), dtype=run_spec["eval_dtype"],
                  eval_splits=spec.get("eval_splits"))
         encode_speed(out, run_spec)

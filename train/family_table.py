@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from spt_embed.atomic import atomic_file, write_text
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,7 +52,8 @@ ROWS = (
 def load_rows(path: Path) -> dict[str, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results file; run `python train/compare.py train/configs/budget-60.yaml`.")
-    return {row["name"]: row for row in map(json.loads, path.read_text(encoding="utf-8").splitlines()) if row}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return {row["name"]: row for row in map(json.loads, filter(str.strip, lines))}
 
 
 def bench_pairs(path: Path) -> dict[str, dict]:
@@ -100,9 +103,10 @@ def markdown(header: list[str], rows: list[dict]) -> str:
             continue
         scores = [f"**{r['scores'][t]}**" if r["scores"].get(t) == best[t] else cell(r["scores"].get(t)) for t in TASKS]
         cpu = (r.get("cpu") or "–").split(" (")[0]
-        lines.append("| " + " | ".join([r["label"], *scores, cell(r["average"]), cell(r.get("params")),
-                                        cell(r.get("minutes")) + r.get("steps_note", ""), cell(r.get("s_step")), cell(r.get("bench_s")),
-                                        cell(r.get("bench_mem")), cell(r.get("encode")), cpu]) + " |")
+        minutes = cell(r.get("minutes")) + r.get("steps_note", "")
+        lines.append("| " + " | ".join([r["label"], *scores, cell(r["average"]), cell(r.get("params")), minutes,
+                                        cell(r.get("s_step")), cell(r.get("bench_s")), cell(r.get("bench_mem")),
+                                        cell(r.get("encode")), cpu]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -124,7 +128,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=120)
     plt.close(fig)
 
 
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     header, rows = table(load_rows(args.budget), bench_pairs(args.bench))
     text = markdown(header, rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text, encoding="utf-8")
+    write_text(args.out, text)
     plot(rows, args.out.with_suffix(".png"))
     print(text)
     return 0
