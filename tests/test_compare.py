@@ -90,6 +90,20 @@ def test_stop_at_step_keeps_the_schedule_of_max_steps(tmp_path, backbones, monke
     assert "| a | 2 (stop_at_step) |" in (tmp_path / "results" / "cmp.md").read_text()
 
 
+def test_a_bad_stop_at_step_is_refused_before_training(tmp_path, backbones, capsys):
+    import pytest
+
+    compare = load_compare()
+    spec_path = write_spec(tmp_path, backbones["llama"])
+    spec = yaml.safe_load(spec_path.read_text())
+    spec["runs"][1]["stop_at_step"] = "159"
+    spec_path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit):
+        compare.main([str(spec_path)])
+    assert "run b: stop_at_step must be a whole number of steps >= 1, got '159'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing trained
+
+
 def test_report_keeps_recorded_rows_of_runs_not_on_this_machine(tmp_path, backbones, monkeypatch):
     monkeypatch.setenv("SPT_EMBED_DATA", str(write_toy_data(tmp_path / "data")))
     compare = load_compare()

@@ -283,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--only {unknown}: not in {args.spec} (runs: {', '.join(names)})")
     for run in spec["runs"]:
+        stop = run.get("stop_at_step")
+        if stop is not None and (not isinstance(stop, int) or isinstance(stop, bool) or stop < 1):
+            parser.error(f"{args.spec}, run {run['name']}: stop_at_step must be a whole number of steps >= 1, "
+                         f"got {stop!r}")
+    for run in spec["runs"]:
         out = Path(spec["output"]) / run["name"]
         if args.report or (args.only and run["name"] not in args.only):
             continue
