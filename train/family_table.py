@@ -41,7 +41,9 @@ TASKS = ("STSBenchmark", "SICK-R", "SciFact", "Banking77Classification")
 ROWS = (
     ("PromptEOL zero-shot (no training)", None, "eval/results/smollm2-prompteol-bf16"),
     ("suffix (K = 16, fast path)", "fast", "suffix-template-graded"),
-    ("deep-suffix (K = 16 + per-layer offsets)", "deep-suffix", "deep-suffix-template-graded-fixed"),
+    ("deep-suffix (K = 16 + per-layer offsets), lr 1e-2 (the shallow suffix's rate)", "deep-suffix",
+     "deep-suffix-template-graded-fixed"),
+    ("deep-suffix, lr 3e-2 (swept)", "deep-suffix", "deep-suffix-template-graded-lr3e-2"),
     ("prompt (K = 16 before the text)", "prompt", "prompt-graded"),
     ("prefix (K = 16 keys/values per layer, peft)", "prefix", "prefix-graded"),
     ("LoRA r = 16, lr 2e-4 (the recipe's rate)", "lora", "lora-graded"),
