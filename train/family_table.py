@@ -119,16 +119,17 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     shown = [r for r in rows if r["scores"]]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 6))
     width = 0.8 / len(shown)
     for i, r in enumerate(shown):
         values = [r["scores"].get(t, 0) for t in TASKS]
         ax.bar([x + i * width for x in range(len(TASKS))], values, width, label=r["label"])
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(TASKS))], [t.replace("Classification", "") for t in TASKS])
     ax.set_ylabel("test main score x100")
-    ax.set_title("SmolLM2-135M, 60-minute training budget (2 CPU cores), STS-B train pairs in every trained row")
+    ax.set_title("SmolLM2-135M, 60 minutes of training on 2 CPU cores (or the steps they held),\n"
+                 "STS-B train pairs in every trained row")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)  # below: no bar hidden
     fig.tight_layout()
     with atomic_file(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=120)
