@@ -88,12 +88,14 @@ def contrastive_loss(model, path):
     return F.cross_entropy(scores, torch.arange(len(SENTENCES)))
 
 
+@pytest.mark.parametrize("recompute_mlp", [False, True], ids=["", "recompute-mlp"])
 @pytest.mark.parametrize("pack_tokens", [1, 7, 1024])
 @pytest.mark.parametrize("texts", [SENTENCES, ["", *SENTENCES[1:]], ["", ""]], ids=["texts", "with-empty", "empty"])
-def test_fast_path_equals_full_pass(backbone_dir, texts, pack_tokens):
+def test_fast_path_equals_full_pass(backbone_dir, texts, pack_tokens, recompute_mlp):
     model = make(backbone_dir, num_tokens=5, init="random")
     module = model.prompt_module
     module.pack_tokens = pack_tokens  # 1: one text per row; 7: several texts share a row; 1024: all in one row
+    module.recompute_mlp = recompute_mlp  # acts on the fast path only
     grads, losses, embs = {}, {}, {}
     for path in (ForwardPath.FULL, ForwardPath.FAST):
         module.soft_prompt.grad = None

@@ -1,8 +1,11 @@
-"""The fast path's soft pass runs SiLU-gated MLPs through `_SiLUGate` (issue 18 part 2): same values and gradients,
-fewer bytes saved for backward, and the modules are restored afterwards; tiny random backbones."""
+"""The fast path's soft pass runs SiLU-gated MLPs through `_SiLUGate`, or with `recompute` through
+`_RecomputedSiLUGate` (issue 18 part 2): same values and gradients, fewer bytes saved for backward, and the modules
+are restored afterwards; tiny random backbones."""
 
 import torch
 from transformers import AutoModelForCausalLM
+
+import pytest
 
 from spt_embed.model.fast_path import _is_silu_gated_mlp, lean_gated_mlps
 
@@ -51,3 +54,38 @@ def test_a_module_with_its_own_forward_is_left_alone(backbone_dir):
     with lean_gated_mlps(backbone):
         assert mlp.forward is own
     assert mlp.forward is own
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recomputed_mlp_equals_the_mlp_and_keeps_only_its_input(backbone_dir, dtype):
+    backbone = AutoModelForCausalLM.from_pretrained(backbone_dir).model.to(dtype).requires_grad_(False)
+    mlp = next(m for m in backbone.modules() if _is_silu_gated_mlp(m))
+    hidden, width = backbone.config.hidden_size, backbone.config.intermediate_size
+    x = torch.randn(3, 5, hidden, generator=torch.Generator().manual_seed(0)).to(dtype)
+    results = {}
+    for recompute in (False, True):
+        inputs = x.clone().requires_grad_(True)
+        with lean_gated_mlps(backbone, recompute=recompute):
+            out, saved = saved_bytes(lambda: mlp(inputs))
+        out.float().pow(2).sum().backward()
+        results[recompute] = out.detach(), inputs.grad, saved
+    (lean, lean_grad, lean_saved), (recomputed, recomputed_grad, recomputed_saved) = results[False], results[True]
+    assert torch.equal(lean, recomputed)  # the same products in the same order
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    assert torch.allclose(lean_grad.float(), recomputed_grad.float(), **tolerance)
+    # gate and up (3, 5, intermediate) no longer kept, nor the two projections' weights that their products keep
+    # for the input gradient; the input (3, 5, hidden) kept instead.
+    size = x.element_size()
+    weights = (mlp.gate_proj.weight.numel() + mlp.up_proj.weight.numel()) * size
+    assert lean_saved - recomputed_saved == 2 * 3 * 5 * width * size + weights - 3 * 5 * hidden * size
+    assert "forward" not in vars(mlp)
+
+
+def test_recompute_leaves_trained_projections_to_the_lean_gate(backbone_dir):
+    backbone = AutoModelForCausalLM.from_pretrained(backbone_dir).model.requires_grad_(False)
+    mlp = next(m for m in backbone.modules() if _is_silu_gated_mlp(m))
+    mlp.up_proj.weight.requires_grad_(True)  # a weight that needs its gradient: recomputing would drop it
+    x = torch.randn(2, 3, backbone.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with lean_gated_mlps(backbone, recompute=True):
+        mlp(x).sum().backward()
+    assert mlp.up_proj.weight.grad is not None and mlp.up_proj.weight.grad.abs().sum() > 0

@@ -41,12 +41,15 @@ def fast_forward(
     pad_token_id: int,
     output_hidden_states: bool = False,
     soft_scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    recompute_mlp: bool = False,
 ) -> BaseModelOutputWithPast:
     """The backbone's output over the K soft tokens after left-padded `input_ids` (B, L) on a causal backbone:
     `last_hidden_state` (B, K, H) and, with `output_hidden_states`, the K positions' states of every layer.
 
     `pack_tokens`: tokens per packed row of the text pass (a longer text gets a row of its own).
-    `soft_scope`: entered around the soft pass only (where a deep suffix's per-layer hooks act)."""
+    `soft_scope`: entered around the soft pass only (where a deep suffix's per-layer hooks act).
+    `recompute_mlp`: the soft pass's SiLU-gated MLPs keep only their input for backward and recompute gate and up
+    there (less memory, more time; see `lean_gated_mlps`)."""
     packed, positions, index = pack_texts(input_ids, attention_mask, pack_tokens, pad_token_id)
     dtype = backbone.get_input_embeddings().weight.dtype
     # The record_function scopes name the three parts in a torch.profiler trace (train/profile_step.py).
@@ -65,7 +68,8 @@ def fast_forward(
     batch, num_tokens = input_ids.shape[0], soft_prompt.shape[0]
     soft = expand_soft_prompt(soft_prompt, batch, dtype)  # (B, K, H)
     full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, num_tokens)], dim=1)  # (B, L+K)
-    with soft_scope(), lean_gated_mlps(backbone), record_function("spt_embed.fast_path.soft_pass"):
+    lean = lean_gated_mlps(backbone, recompute=recompute_mlp)
+    with soft_scope(), lean, record_function("spt_embed.fast_path.soft_pass"):
         return backbone(
             inputs_embeds=soft,
             attention_mask=full_mask,
@@ -100,6 +104,38 @@ class _SiLUGate(torch.autograd.Function):
         return grad * up * (sigmoid + silu * (1 - sigmoid)), grad * silu
 
 
+class _RecomputedSiLUGate(torch.autograd.Function):
+    """silu(x W_gate^T + b) * (x W_up^T + b) from the MLP's input `x` that keeps only `x` for backward and recomputes
+    gate and up there: (B, K, hidden) saved per layer instead of two (B, K, intermediate), for one more pair of
+    gate/up products of the K soft tokens. Only for frozen plain `nn.Linear` projections: their weights get no
+    gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate_proj: torch.nn.Linear, up_proj: torch.nn.Linear) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.projections = gate_proj, up_proj
+        return torch.nn.functional.silu(gate_proj(x)) * up_proj(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (x,) = ctx.saved_tensors
+        gate_proj, up_proj = ctx.projections
+        with torch.no_grad():
+            gate, up = gate_proj(x), up_proj(x)
+            sigmoid = torch.sigmoid(gate)
+            silu = gate * sigmoid
+            grad_gate = grad * up * (sigmoid + silu * (1 - sigmoid))
+            grad_x = grad_gate @ gate_proj.weight + (grad * silu) @ up_proj.weight
+        return grad_x, None, None
+
+
+def _recomputable(mlp: torch.nn.Module) -> bool:
+    """gate_proj and up_proj are plain, frozen `nn.Linear` layers (not LoRA-wrapped, not quantised)."""
+    return all(type(getattr(mlp, name)) is torch.nn.Linear and not getattr(mlp, name).weight.requires_grad
+               and (getattr(mlp, name).bias is None or not getattr(mlp, name).bias.requires_grad)
+               for name in ("gate_proj", "up_proj"))
+
+
 def _is_silu_gated_mlp(mlp: torch.nn.Module) -> bool:
     """Llama / Qwen2 / Mistral's MLP: down_proj(silu(gate_proj(x)) * up_proj(x))."""
     return (all(isinstance(getattr(mlp, name, None), torch.nn.Module) for name in ("gate_proj", "up_proj", "down_proj"))
@@ -107,16 +143,22 @@ def _is_silu_gated_mlp(mlp: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def lean_gated_mlps(backbone: torch.nn.Module):
+def lean_gated_mlps(backbone: torch.nn.Module, recompute: bool = False):
     """While gradients are recorded, every SiLU-gated MLP of `backbone` (Llama, Qwen2, Mistral) runs its gate through
-    `_SiLUGate`, which saves a third less of the soft pass's largest activations; any other MLP is left alone."""
+    `_SiLUGate`, which saves a third less of the soft pass's largest activations; any other MLP is left alone.
+    With `recompute`, an MLP whose gate and up projections are frozen plain linears runs `_RecomputedSiLUGate`
+    instead, which saves only the MLP's input (hidden wide, not 2 x intermediate) and recomputes gate and up in
+    backward."""
     if not torch.is_grad_enabled():
         yield
         return
     # A module whose forward is already an instance attribute (an accelerate hook, say) is left alone.
     patched = [module for module in backbone.modules() if _is_silu_gated_mlp(module) and "forward" not in vars(module)]
     for mlp in patched:
-        mlp.forward = (lambda m: lambda x: m.down_proj(_SiLUGate.apply(m.gate_proj(x), m.up_proj(x))))(mlp)
+        if recompute and _recomputable(mlp):
+            mlp.forward = (lambda m: lambda x: m.down_proj(_RecomputedSiLUGate.apply(x, m.gate_proj, m.up_proj)))(mlp)
+        else:
+            mlp.forward = (lambda m: lambda x: m.down_proj(_SiLUGate.apply(m.gate_proj(x), m.up_proj(x))))(mlp)
     try:
         yield
     finally:

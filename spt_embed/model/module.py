@@ -138,6 +138,9 @@ class SuffixPromptModule(BackboneModule):
         # Tokens per packed row in the fast path's text pass: attention inside a row costs row_tokens**2, so rows
         # stay short; a text longer than this gets a row of its own.
         self.pack_tokens = self.DEFAULT_PACK_TOKENS
+        # The fast path's soft pass recomputes its MLPs' gate and up in backward instead of keeping them: less
+        # memory per training step, more time (training's `recompute_mlp`).
+        self.recompute_mlp = False
         self._logged_path: ForwardPath | None = None
         self._warned_empty = False
 
@@ -254,6 +257,7 @@ class SuffixPromptModule(BackboneModule):
                     pad_token_id=self.tokenizer.pad_token_id,
                     output_hidden_states=all_layers,
                     soft_scope=self.soft_scope,
+                    recompute_mlp=self.recompute_mlp,
                 )
             else:
                 with self.soft_scope():

@@ -339,6 +339,7 @@ def build_model(config: TrainConfig):
         device=device,
     )
     module = model.prompt_module
+    module.recompute_mlp = config.recompute_mlp
     for name in config.freeze_prompts:
         (module.soft_prompt if name == "default" else module.task_prompts[name]).requires_grad_(False)
     return model
