@@ -88,6 +88,19 @@ def test_resume_matches_uninterrupted_run(tmp_path, backbones):
     assert diff <= 1e-6
 
 
+def test_resume_with_recomputed_mlps_matches_uninterrupted_run(tmp_path, backbones):
+    """recompute_mlp changes where a step keeps its memory, not what it trains: a run may resume with it switched
+    on, and ends where the uninterrupted run without it ends."""
+    straight = spt_embed.train(config(tmp_path / "a", backbones["llama"]))
+    killed_cfg = config(tmp_path / "b", backbones["llama"])
+    with pytest.raises(KeyboardInterrupt):
+        spt_embed.train(killed_cfg, callbacks=[Kill(6)])
+    resumed = spt_embed.train(config(tmp_path / "b", backbones["llama"], recompute_mlp=True), resume=True)
+    assert resumed.prompt_module.recompute_mlp
+    diff = (resumed.prompt_module.soft_prompt - straight.prompt_module.soft_prompt).abs().max().item()
+    assert diff <= 1e-4
+
+
 def test_half_written_checkpoint_is_skipped(tmp_path, backbones):
     cfg = config(tmp_path, backbones["llama"], max_steps=8)
     spt_embed.train(cfg)

@@ -391,7 +391,8 @@ def train(
         overwrite=overwrite,
         owned=is_run_entry,
         fixed=FIXED_ON_RESUME,
-        ignored=UNUSED_BY[config.method],
+        # recompute_mlp changes how a step spends memory, not what it trains: a run may resume with it on or off.
+        ignored=(*UNUSED_BY[config.method], "recompute_mlp"),
         resume_anyway=resume_anyway,
     )
     checkpoint = run.checkpoint
