@@ -2,10 +2,9 @@
 `_RecomputedSiLUGate` (issue 18 part 2): same values and gradients, fewer bytes saved for backward, and the modules
 are restored afterwards; tiny random backbones."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
-
-import pytest
 
 from spt_embed.model.fast_path import _is_silu_gated_mlp, lean_gated_mlps
 
@@ -89,3 +88,23 @@ def test_recompute_leaves_trained_projections_to_the_lean_gate(backbone_dir):
     with lean_gated_mlps(backbone, recompute=True):
         mlp(x).sum().backward()
     assert mlp.up_proj.weight.grad is not None and mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_recompute_under_autocast_recomputes_as_the_forward_did(backbone_dir):
+    """Under bfloat16 autocast (training's --bf16) backward recomputes gate and up in bfloat16 too, so its gradient
+    is the lean gate's, which keeps the forward's own bfloat16 gate and up."""
+    backbone = AutoModelForCausalLM.from_pretrained(backbone_dir).model.float().requires_grad_(False)
+    mlp = next(m for m in backbone.modules() if _is_silu_gated_mlp(m))
+    x = torch.randn(3, 5, backbone.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for recompute in (False, True):
+        inputs = x.clone().requires_grad_(True)
+        with lean_gated_mlps(backbone, recompute=recompute), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = mlp(inputs)
+        out.float().pow(2).sum().backward()
+        grads[recompute] = inputs.grad
+    assert grads[True].dtype == torch.float32
+    # Measured on the tiny models: 0.0019 with the autocast recompute, 0.0039-0.0041 when backward recomputed gate
+    # and up in float32 (what remains is bfloat16 rounding in the two products' kernels).
+    error = ((grads[False] - grads[True]).norm() / grads[False].norm()).item()
+    assert error <= 3e-3

@@ -87,6 +87,13 @@ def _cache_argument(backbone: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
 
 
+def _silu_gate_grads(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of silu(gate) * up with respect to gate and up, from the output's gradient `grad`."""
+    sigmoid = torch.sigmoid(gate)
+    silu = gate * sigmoid
+    return grad * up * (sigmoid + silu * (1 - sigmoid)), grad * silu
+
+
 class _SiLUGate(torch.autograd.Function):
     """silu(gate) * up that keeps only `gate` and `up` for backward (autograd's silu-then-multiply also keeps
     silu(gate)): one (B, K, intermediate) tensor fewer per layer, the sigmoid recomputed in backward."""
@@ -99,9 +106,7 @@ class _SiLUGate(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
-        sigmoid = torch.sigmoid(gate)
-        silu = gate * sigmoid
-        return grad * up * (sigmoid + silu * (1 - sigmoid)), grad * silu
+        return _silu_gate_grads(grad, gate, up)
 
 
 class _RecomputedSiLUGate(torch.autograd.Function):
@@ -114,19 +119,22 @@ class _RecomputedSiLUGate(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, gate_proj: torch.nn.Linear, up_proj: torch.nn.Linear) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.projections = gate_proj, up_proj
+        # backward runs outside the forward's autocast (--bf16): recompute under the same one.
+        ctx.autocast = torch.is_autocast_enabled(x.device.type)
+        ctx.autocast_dtype = torch.get_autocast_dtype(x.device.type)
         return torch.nn.functional.silu(gate_proj(x)) * up_proj(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (x,) = ctx.saved_tensors
         gate_proj, up_proj = ctx.projections
-        with torch.no_grad():
+        # Under the forward's autocast, if any, as autograd would: gate and up as the forward computed them, each
+        # product's input gradient in the autocast dtype, cast to x's dtype before they are summed.
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=ctx.autocast_dtype, enabled=ctx.autocast):
             gate, up = gate_proj(x), up_proj(x)
-            sigmoid = torch.sigmoid(gate)
-            silu = gate * sigmoid
-            grad_gate = grad * up * (sigmoid + silu * (1 - sigmoid))
-            grad_x = grad_gate @ gate_proj.weight + (grad * silu) @ up_proj.weight
-        return grad_x, None, None
+            grad_gate, grad_up = _silu_gate_grads(grad, gate, up)
+            from_gate, from_up = grad_gate @ gate_proj.weight, grad_up @ up_proj.weight
+        return from_gate.to(x.dtype) + from_up.to(x.dtype), None, None
 
 
 def _recomputable(mlp: torch.nn.Module) -> bool:
