@@ -9,6 +9,8 @@ For each mode (the batch, model, optimiser and step of bench_step.py's build_ste
                 unpacking of its keys/values, soft pass), inclusive CPU time per step and share of the step
   ops           the top `--top` operators by self CPU time over `--steps` profiled steps (torch.profiler), with their
                 call counts and the memory they allocated themselves (profile_memory)
+  ops_by_scope  per scope (the innermost one an operator ran in), its top operators by input shape: the M of a
+                matrix product is the number of tokens it ran on, so the text and soft passes compare per token
   saved         the tensors saved for backward during one step, by autograd's saved_tensors_hooks: distinct storages
                 only (views of one tensor count once), grouped by (shape, dtype, parameter or not) with their total
                 MB, largest first; the frozen weights that linear layers keep for the input gradient are listed but
@@ -55,12 +57,42 @@ def saved_tensors(step, model) -> list[dict]:
     return sorted(rows, key=lambda row: -row["mb"])
 
 
-def operators(step, steps: int, top: int) -> tuple[list[dict], list[dict]]:
-    """The top operators by self CPU time, and the named scopes (the step's parts, the fast path's passes) with
-    their inclusive CPU time, both as shares of the profiled steps' total self CPU time."""
+SCOPES = ("step.", "spt_embed.")
+
+
+def _scope(event) -> str:
+    """The innermost named scope (a fast-path pass, else a part of the step) that an operator ran in."""
+    parent = event.cpu_parent
+    while parent is not None and not parent.name.startswith(SCOPES):
+        parent = parent.cpu_parent
+    return parent.name if parent is not None else "(none)"
+
+
+def ops_by_scope(events, steps: int, top: int) -> dict[str, list[dict]]:
+    """Per named scope, its top operators by self CPU time with their input shapes: where the text pass and the soft
+    pass each spend their matrix products, and on how many rows (the M of an mm is the tokens it ran on)."""
+    groups: dict[tuple, list[float]] = defaultdict(lambda: [0, 0.0])
+    for event in events:
+        if event.name.startswith(SCOPES):
+            continue
+        key = (_scope(event), event.name, str(event.input_shapes))
+        groups[key][0] += 1
+        groups[key][1] += event.self_cpu_time_total
+    scopes: dict[str, list[dict]] = defaultdict(list)
+    for (scope, name, shapes), (count, micros) in sorted(groups.items(), key=lambda item: -item[1][1]):
+        if len(scopes[scope]) < top:
+            scopes[scope].append({"op": name, "shapes": shapes, "calls": count // steps,
+                                  "self_ms_per_step": round(micros / 1000 / steps, 1)})
+    return dict(scopes)
+
+
+def operators(step, steps: int, top: int) -> tuple[list[dict], list[dict], dict[str, list[dict]]]:
+    """The top operators by self CPU time, the named scopes (the step's parts, the fast path's passes) with their
+    inclusive CPU time, both as shares of the profiled steps' total self CPU time, and each scope's top operators
+    by input shape."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
         for _ in range(steps):
             step()
     averages = prof.key_averages()
@@ -73,7 +105,7 @@ def operators(step, steps: int, top: int) -> tuple[list[dict], list[dict]]:
     ops = [{"op": e.key, "calls": e.count, "self_ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 1),
             "share": round(e.self_cpu_time_total / total, 3),
             "self_alloc_mb_per_step": round(e.self_cpu_memory_usage / 2**20 / steps, 1)} for e in events[:top]]
-    return ops, sorted(scopes, key=lambda row: row["scope"])
+    return ops, sorted(scopes, key=lambda row: row["scope"]), ops_by_scope(prof.events(), steps, top)
 
 
 def main() -> None:
@@ -95,8 +127,8 @@ def main() -> None:
     for mode in args.modes:
         step, model, _, _ = build_step(mode, args.kind, 32, args.num_tokens, "snli", args.pack_tokens)
         step()  # warm-up
-        ops, scopes = operators(step, args.steps, args.top)
-        result = {"scopes": scopes, "ops": ops}
+        ops, scopes, by_scope = operators(step, args.steps, args.top)
+        result = {"scopes": scopes, "ops": ops, "ops_by_scope": by_scope}
         if mode != "forward":
             result["saved"] = saved_tensors(step, model)
             # what the step adds: activations only (frozen weights saved for backward are the model's memory)
@@ -108,6 +140,11 @@ def main() -> None:
         for row in result["ops"]:
             print(f"  {row['op'][:40]:40s} {row['calls']:6d} calls {row['self_ms_per_step']:9.1f} ms/step "
                   f"{row['share']:6.1%} {row['self_alloc_mb_per_step']:8.1f} MB alloc/step")
+        for scope, rows in by_scope.items():
+            print(f"  in {scope}:")
+            for row in rows[:8]:
+                print(f"    {row['op'][:34]:34s} {row['shapes'][:60]:60s} {row['calls']:5d} calls "
+                      f"{row['self_ms_per_step']:8.1f} ms/step")
         if "saved" in result:
             print(f"  activations saved for backward: {result['saved_activations_mb']} MB; largest groups:")
             for row in [r for r in result["saved"] if not r["parameter"]][:12]:
