@@ -74,3 +74,70 @@ def test_joined_columns_equal_separate_forwards(backbone_dir, kind):
         assert separate_grad.abs().sum() > 0
         # float32: the joined batch runs other kernel shapes; the bug this guards against gave errors near 1.
         assert ((joined_grad - separate_grad).norm() / separate_grad.norm()).item() <= 1e-3
+
+
+def _loss_and_grads(model, loss_fn, columns, separate: bool):
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    features = [model.preprocess(texts) for texts in columns]
+    if separate:
+        with column_merging_disabled():
+            loss = loss_fn(features, None)
+    else:
+        loss = loss_fn(features, None)
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("kind", ["suffix", "deep-suffix"])
+@pytest.mark.parametrize("columns", [2, 3], ids=["pairs", "triplets"])
+def test_merged_anchor_loss_equals_separate_forwards(backbone_dir, kind, columns):
+    """The training loss on the fast path embeds the anchors in the candidates' forward pass; loss and gradients stay
+    those of one forward per column."""
+    from spt_embed.training.losses import MergedColumnsMNRL
+
+    model = _models(backbone_dir)[kind]
+    model.train()
+    texts = (ANCHORS, POSITIVES, NEGATIVES)[:columns]
+    loss_fn = MergedColumnsMNRL(model)
+    calls = []
+    hook = model[0].register_forward_pre_hook(lambda module, args: calls.append(args[0]["input_ids"].shape[0]))
+    merged_loss, merged_grads = _loss_and_grads(model, loss_fn, texts, separate=False)
+    hook.remove()
+    assert calls == [len(ANCHORS) * columns]  # one forward over every column
+    separate_loss, separate_grads = _loss_and_grads(model, loss_fn, texts, separate=True)
+    assert merged_loss == pytest.approx(separate_loss, abs=1e-5)
+    for merged_grad, separate_grad in zip(merged_grads, separate_grads):
+        assert separate_grad.abs().sum() > 0
+        assert ((merged_grad - separate_grad).norm() / separate_grad.norm()).item() <= 1e-3
+
+
+def test_merged_anchor_only_where_the_fast_path_runs(backbones):
+    """A full pass pads the merged rows to the widest column (sentence-transformers keeps the anchor apart for that
+    reason), and a query column with document columns goes through two prompts: both keep the parent's forward."""
+    from spt_embed.training.losses import merges_all_columns
+
+    model = SuffixPromptEncoder.from_backbone(backbones["llama"], num_tokens=4, device="cpu", tasks=["query", "document"])
+    model.train()
+    features = [model.preprocess(texts) for texts in (ANCHORS, POSITIVES)]
+    assert merges_all_columns(model, features)
+    model[0].forward_path = ForwardPath.FULL
+    assert not merges_all_columns(model, features)
+    model[0].forward_path = ForwardPath.AUTO
+    routed = [dict(features[0], task="query"), dict(features[1], task="document")]
+    assert not merges_all_columns(model, routed)
+    assert merges_all_columns(model, [dict(f, task="document") for f in features])
+    with torch.no_grad():  # no gradient: the full pass, nothing to merge for
+        assert not merges_all_columns(model, features)
+    lora = _models(backbones["llama"])["lora"]
+    assert not merges_all_columns(lora, [lora.preprocess(texts) for texts in (ANCHORS, POSITIVES)])
+
+
+def test_training_loss_merges_anchor_columns(backbones, tmp_path):
+    from spt_embed.training.losses import MergedColumnsMNRL
+    from spt_embed.training.train import build_loss
+    from spt_embed.training.train_config import TrainConfig
+
+    model = SuffixPromptEncoder.from_backbone(backbones["llama"], num_tokens=4, device="cpu")
+    assert type(build_loss(model, TrainConfig(output=str(tmp_path)))) is MergedColumnsMNRL
+    assert type(build_loss(model, TrainConfig(output=str(tmp_path), cached=True))) is not MergedColumnsMNRL

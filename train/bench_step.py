@@ -10,6 +10,8 @@ by up to 1.5x over minutes and a single sequential pass can put the forward and 
   full     SPT step, backprop through all tokens (full pass over [text | soft tokens])
   fast     SPT step on the causal fast path (text under no_grad with a KV cache, then K soft tokens with grad)
   lora     contrastive LoRA step (peft, r=16 on q,k,v,o; last-token pooling, no soft tokens)
+  fast-columns  the fast step with one forward per column (sentence-transformers' own MultipleNegativesRankingLoss;
+           the step as training ran it before MergedColumnsMNRL, which `fast` uses: all columns in one forward)
   fast-recompute  the fast step with `recompute_mlp` (the soft pass's MLPs keep only their input for backward and
            recompute gate and up there: less memory, more time)
   deep-suffix  fast-path step of method deep-suffix (the soft tokens plus per-layer offsets at their positions)
@@ -38,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ["forward", "full", "fast", "fast-recompute", "lora", "deep-suffix", "prompt", "prefix"]
+MODES = ["forward", "full", "fast", "fast-columns", "fast-recompute", "lora", "deep-suffix", "prompt", "prefix"]
 BASE_MODES = ["forward", "full", "fast", "lora"]  # the ratios of the fast path's requirements
 KINDS = {"pairs": ["anchor", "positive"], "triplets": ["anchor", "positive", "negative"]}
 
@@ -70,6 +72,7 @@ def build_step(mode: str, kind: str, batch_size: int, num_tokens: int, texts: st
     from torch.profiler import record_function
 
     import spt_embed
+    from spt_embed.training.losses import MergedColumnsMNRL
     torch.manual_seed(0)
     rows = batch_rows(texts, batch_size)
     if mode == "prefix":
@@ -91,7 +94,8 @@ def build_step(mode: str, kind: str, batch_size: int, num_tokens: int, texts: st
     features = [
         {key: value.to(device) for key, value in module.preprocess(rows[column]).items()} for column in KINDS[kind]
     ]
-    loss_fn = MultipleNegativesRankingLoss(model, scale=20.0)
+    # Training's loss: all columns in one forward where the fast path runs them, the parent's forward elsewhere.
+    loss_fn = (MultipleNegativesRankingLoss if mode == "fast-columns" else MergedColumnsMNRL)(model, scale=20.0)
     if mode == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -99,8 +103,8 @@ def build_step(mode: str, kind: str, batch_size: int, num_tokens: int, texts: st
         lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
         module.backbone = inject_adapter_in_model(lora, module.backbone).to(device)
         module.forward_path = spt_embed.ForwardPath.FULL
-    elif mode in ("full", "fast"):
-        module.forward_path = spt_embed.ForwardPath(mode)
+    elif mode in ("full", "fast", "fast-columns"):
+        module.forward_path = spt_embed.ForwardPath(mode.removesuffix("-columns"))
     elif mode == "fast-recompute":
         module.forward_path = spt_embed.ForwardPath.FAST
         module.recompute_mlp = True
@@ -245,25 +249,28 @@ def main() -> None:
     results = list(merged.values())
 
     ratios = {}
-    for kind in args.kinds if {"forward", "full", "fast"} <= set(args.modes) else []:
+    for kind in args.kinds if {"forward", "fast"} <= set(args.modes) else []:
         # A ratio is taken within each round (its modes ran minutes apart, so the machine's speed drifts little
         # between them) and the median over rounds is reported; the memory ratios use the largest peaks.
         pairs = [("fast_over_forward", "fast", "forward"), ("full_over_fast", "full", "fast"),
-                 ("lora_over_fast", "lora", "fast"), ("fast_recompute_over_forward", "fast-recompute", "forward")]
+                 ("lora_over_fast", "lora", "fast"), ("fast_recompute_over_forward", "fast-recompute", "forward"),
+                 ("fast_columns_over_forward", "fast-columns", "forward")]
         # Each method's step against the no-grad forward.
         pairs += [(f"{mode.replace('-', '_')}_over_forward", mode, "forward")
                   for mode in ("deep-suffix", "prompt", "prefix")]
         per_round = {
             name: [top["median_s"] / bottom["median_s"] for top, bottom in zip(runs[kind, a], runs[kind, b])]
-            for name, a, b in pairs if a in args.modes
+            for name, a, b in pairs if a in args.modes and b in args.modes
         }
-        full = merged[kind, "full"]
-        memory = {f"{mode.replace('-', '_')}_mem_over_full": merged[kind, mode]["step_mem_mb"] / full["step_mem_mb"]
-                  for mode in ("fast", "fast-recompute") if mode in args.modes}
+        memory = {}
+        if "full" in args.modes:
+            full = merged[kind, "full"]
+            memory = {f"{mode.replace('-', '_')}_mem_over_full": merged[kind, mode]["step_mem_mb"] / full["step_mem_mb"]
+                      for mode in ("fast", "fast-columns", "fast-recompute") if mode in args.modes}
+            memory["fast_peak_rss_over_full"] = merged[kind, "fast"]["peak_rss_mb"] / full["peak_rss_mb"]
         ratios[kind] = {
             **{name: statistics.median(values) for name, values in per_round.items()},
             **memory,
-            "fast_peak_rss_over_full": merged[kind, "fast"]["peak_rss_mb"] / full["peak_rss_mb"],
             **{f"{name}_per_round": values for name, values in per_round.items()},
         }
         if set(BASE_MODES) <= set(args.modes):

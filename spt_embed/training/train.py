@@ -76,10 +76,7 @@ def build_loss(model, config: TrainConfig, dataset=None):
         from sentence_transformers.sentence_transformer.losses import AnglELoss, CoSENTLoss
 
         return (AnglELoss if config.graded_loss is GradedLoss.ANGLE else CoSENTLoss)(model)
-    from sentence_transformers.sentence_transformer.losses import (
-        CachedMultipleNegativesRankingLoss,
-        MultipleNegativesRankingLoss,
-    )
+    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
 
     directions = ("query_to_doc", "doc_to_query") if config.symmetric else ("query_to_doc",)
     common: dict[str, Any] = {
@@ -89,7 +86,9 @@ def build_loss(model, config: TrainConfig, dataset=None):
     }
     if config.cached:
         return CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size, **common)
-    return MultipleNegativesRankingLoss(model, **common)
+    from spt_embed.training.losses import MergedColumnsMNRL
+
+    return MergedColumnsMNRL(model, **common)
 
 
 def build_dev_evaluator(config: TrainConfig, retrieval_dev: dict | None = None):
