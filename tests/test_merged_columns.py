@@ -117,13 +117,17 @@ def test_merged_anchor_only_where_the_fast_path_runs(backbones):
     reason), and a query column with document columns goes through two prompts: both keep the parent's forward."""
     from spt_embed.training.losses import merges_all_columns
 
-    model = SuffixPromptEncoder.from_backbone(backbones["llama"], num_tokens=4, device="cpu", tasks=["query", "document"])
+    model = SuffixPromptEncoder.from_backbone(backbones["llama"], num_tokens=4, device="cpu",
+                                              tasks=["query", "document"])
     model.train()
     features = [model.preprocess(texts) for texts in (ANCHORS, POSITIVES)]
     assert merges_all_columns(model, features)
     model[0].forward_path = ForwardPath.FULL
     assert not merges_all_columns(model, features)
     model[0].forward_path = ForwardPath.AUTO
+    model[0].recompute_mlp = True  # memory first: the merged step's peak is higher
+    assert not merges_all_columns(model, features)
+    model[0].recompute_mlp = False
     routed = [dict(features[0], task="query"), dict(features[1], task="document")]
     assert not merges_all_columns(model, routed)
     assert merges_all_columns(model, [dict(f, task="document") for f in features])

@@ -6,7 +6,9 @@ short queries meet long documents. The fast path has no such waste: its text pas
 texts into rows without padding, and its soft pass runs the K soft tokens of every text at once. What merging the
 anchor in buys there is bigger matrix products: on 32 SNLI pairs (train/profile_step.py, 2 cores) the MLP's gate
 and up products over the soft pass's 512 rows (32 texts x 16 soft tokens) cost a third more per row than over 900
-or more, its other products 10-20 % more.
+or more, its other products 10-20 % more. Measured with train/bench_step.py (`fast` against `fast-columns`), the
+merged step is 7-9 % faster and its step memory 14-17 % higher, so it is left out where `recompute_mlp` asks for
+memory first.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from torch import Tensor
 def merges_all_columns(model, features: list[dict[str, Any]]) -> bool:
     """Whether one forward over all columns is what `model` runs best: its first module takes the suffix's fast
     path for this batch (a causal backbone, suffix placement, a trained soft prompt) and every column goes through
-    the same soft prompt (a query column and document columns, say, do not)."""
+    the same soft prompt (a query column and document columns, say, do not). Not with `recompute_mlp`, which asks
+    for memory before time: the merged step's peak is about 15 % higher (train/results/bench_step_merged*.json)."""
     from spt_embed.model.module import SuffixPromptModule
 
     module = model[0] if len(model) else None
-    if not isinstance(module, SuffixPromptModule) or len({f.get("task") for f in features}) != 1:
+    if not isinstance(module, SuffixPromptModule) or module.recompute_mlp:
+        return False
+    if len({f.get("task") for f in features}) != 1:
         return False
     from spt_embed.model.fast_path import ForwardPath
 
