@@ -3,6 +3,8 @@ narrower column on the right; every module reads left-padded rows. These tests p
 the same embeddings, loss and gradients as one forward per column (with the narrower column padded on the right,
 the fast path used to read pads instead of text)."""
 
+import types
+
 import pytest
 import torch
 from sentence_transformers.base.losses.merged_forward import column_merging_disabled, merge_feature_batches
@@ -133,6 +135,9 @@ def test_merged_anchor_only_where_the_fast_path_runs(backbones):
     assert merges_all_columns(model, [dict(f, task="document") for f in features])
     with torch.no_grad():  # no gradient: the full pass, nothing to merge for
         assert not merges_all_columns(model, features)
+    # Distributed training hands the loss the model inside DistributedDataParallel (`.module`).
+    assert merges_all_columns(types.SimpleNamespace(module=model), features)
+    assert not merges_all_columns(torch.nn.Linear(2, 2), features)
     lora = _models(backbones["llama"])["lora"]
     assert not merges_all_columns(lora, [lora.preprocess(texts) for texts in (ANCHORS, POSITIVES)])
 

@@ -28,7 +28,11 @@ def merges_all_columns(model, features: list[dict[str, Any]]) -> bool:
     for memory before time: the merged step's peak is about 15 % higher (train/results/bench_step_merged*.json)."""
     from spt_embed.model.module import SuffixPromptModule
 
-    module = model[0] if len(model) else None
+    model = getattr(model, "module", model)  # the SentenceTransformer inside DistributedDataParallel
+    try:
+        module = model[0]
+    except (TypeError, IndexError, KeyError):  # not a model of modules
+        return False
     if not isinstance(module, SuffixPromptModule) or module.recompute_mlp:
         return False
     if len({f.get("task") for f in features}) != 1:
