@@ -122,6 +122,7 @@ def run_info(args: argparse.Namespace) -> None:
         ("init", cfg.init.value + (f" ({cfg.init_text!r})" if cfg.init.value == "text" else "")),
         ("readout", cfg.readout.value),
         ("text template", f"{template!r} before every text" if template else "none"),
+        *((("text tail", f"{cfg.tail!r} after every text, kept when a text is cut"),) if cfg.tail else ()),
         ("max length", f"{cfg.max_length} (text + soft tokens)"),
         *((("task max length", ", ".join(f"{task} {n}" for task, n in cfg.task_max_length.items())),)
           if cfg.task_max_length else ()),

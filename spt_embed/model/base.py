@@ -79,6 +79,27 @@ class BackboneModule(InputModule):
                 raise TypeError(f"Input {index} is {type(item).__name__}, expected str: {item!r:.80}")
         return list(inputs)
 
+    def appended_specials(self) -> int:
+        """How many special tokens the tokenizer appends after a text (an EOS, for example); 0 for most decoders."""
+        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return len(full) - start - len(plain)
+        return 0
+
+    def left_pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Token id rows as left-padded `input_ids` and `attention_mask`; an empty row gets one pad token, so that
+        every row has a position to read."""
+        rows = [row or [self.tokenizer.pad_token_id] for row in rows]
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, tokens in enumerate(rows):
+            input_ids[index, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+            attention_mask[index, width - len(tokens) :] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
     def write_backbone(self, folder: Path) -> BackboneRef:
         """Save the backbone and its tokenizer into `folder`/backbone; returns the reference that names it there."""
         self.backbone.save_pretrained(folder / BACKBONE_SUBDIR)

@@ -98,15 +98,7 @@ class BaselineModule(BackboneModule):
         self._prefix, self._suffix = prefix, suffix
         # Tokens kept from the end when a text is cut: the template's tail and any special tokens the tokenizer
         # appends, so a long document still ends in `means in one word:"` (the position that is pooled).
-        self._tail = len(self.tokenizer(suffix, add_special_tokens=False)["input_ids"]) + self._appended_specials()
-
-    def _appended_specials(self) -> int:
-        plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
-        full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-        for start in range(len(full) - len(plain) + 1):
-            if full[start : start + len(plain)] == plain:
-                return len(full) - start - len(plain)
-        return 0
+        self._tail = len(self.tokenizer(suffix, add_special_tokens=False)["input_ids"]) + self.appended_specials()
 
     def preprocess(self, inputs: Sequence[str], prompt: str | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Templated texts (a prompt goes inside the template, before the text), cut to max_seq_length keeping
@@ -116,14 +108,7 @@ class BaselineModule(BackboneModule):
         limit = self.max_seq_length
         ids = [row if len(row) <= limit else row[: limit - self._tail] + row[len(row) - self._tail :] for row in ids]
         # A row needs one token to pool from: an empty text with no template and no special tokens gets a pad.
-        ids = [row or [self.tokenizer.pad_token_id] for row in ids]
-        width = max(len(row) for row in ids)
-        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, tokens in enumerate(ids):
-            input_ids[row, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
-            attention_mask[row, width - len(tokens) :] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return self.left_pad(ids)
 
     def forward(self, features: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
         # Left-padded, as preprocess() made it, even where a loss joined columns with padding on the right.

@@ -82,6 +82,16 @@ class SuffixPromptConfig:
         },
     )
     placement: Placement = field(default=Placement.SUFFIX, metadata={"help": "suffix (default) or prefix."})
+    tail: str = field(
+        default="",
+        metadata={
+            "help": "Hard text after every text (the closing part of a template such as PromptEOL's "
+            "'\" means in one word:\"'), tokenized apart and kept whole when a long text is cut, so that a "
+            "`last` readout with placement='prefix' reads it rather than the token where the cut fell; with "
+            "placement='suffix' it sits between the text and the soft tokens. Configs written without this field "
+            "read '' (none)."
+        },
+    )
     max_length: int = field(
         default=512, metadata={"help": "Maximum sequence length including the K soft tokens; texts are cut to fit."}
     )
@@ -140,6 +150,8 @@ class SuffixPromptConfig:
                 "the text and so never see it: every text would get the same embedding. Use placement='suffix' or "
                 "another readout."
             )
+        if not isinstance(self.tail, str):
+            raise ValueError(f"tail must be a string ('' for none), got {self.tail!r}.")
         self.tasks = list(self.tasks)
         bad = [task for task in self.tasks if not isinstance(task, str) or not TASK_NAME.fullmatch(task)]
         bad += [task for task in self.tasks if task == DEFAULT_TASK_PROMPT]  # the name of the default prompt

@@ -29,6 +29,7 @@ class SuffixPromptEncoder(SentenceTransformer):
         init: Init | str = Init.TEXT,
         init_text: str | None = None,
         placement: Placement | str = Placement.SUFFIX,
+        tail: str | None = None,
         max_length: int = 512,
         readout: Readout | str = Readout.LAST,
         prompt: str | None = None,
@@ -44,6 +45,8 @@ class SuffixPromptEncoder(SentenceTransformer):
 
         `prompt`: a hard text template put before every text (e.g. 'This sentence : "'), the soft tokens following
         the text; it becomes the encoder's default sentence-transformers prompt (see `template_prompts`).
+        `tail`: hard text after every text, kept whole when a text is cut (e.g. PromptEOL's '" means in one word:"'
+        with placement='prefix', so that the last position read is the template's, not the cut text's).
         `method`: suffix (the soft tokens alone) or deep-suffix (plus per-layer offsets at the soft positions).
         `tasks`: soft prompts of their own for these tasks, e.g. ['query', 'document'] (`encode_query` /
         `encode_document`; `encode` keeps the default prompt); `task_max_length`: a maximum length per task."""
@@ -55,6 +58,7 @@ class SuffixPromptEncoder(SentenceTransformer):
             init=init,
             init_text=init_text,
             placement=placement,
+            tail=tail,
             max_length=max_length,
             readout=readout,
             method=method,

@@ -289,6 +289,13 @@ def export(
         )
     if module.spt_config.placement is not Placement.SUFFIX:
         raise ValueError("Only suffix placement can be exported as a plain SentenceTransformer (prefix cannot pool last).")
+    if module.spt_config.tail:
+        raise ValueError(
+            f"The text tail {module.spt_config.tail!r} cannot be exported as a plain SentenceTransformer: its "
+            f"tokenizer would cut it off long texts, and its prompts only put text before a text. Use the adapter "
+            f"itself: spt_embed.load(...) (or SentenceTransformer(adapter, trust_remote_code=True)) gives the same "
+            f"encoder (nothing was written)."
+        )
     if module.readout is not Readout.LAST:
         raise ValueError(
             f"Readout {module.readout.value!r} cannot be exported as a plain SentenceTransformer: its pooling "

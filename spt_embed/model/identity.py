@@ -80,6 +80,8 @@ def model_fingerprint(model) -> tuple[str, str]:
             setup["method"] = first.spt_config.method.value
         if first.spt_config.tasks:  # task soft prompts: which tensor is which task's
             setup["tasks"] = first.spt_config.tasks
+        if first.spt_config.tail:  # text after every text
+            setup["tail"] = first.spt_config.tail
         if first.spt_config.task_max_length:  # a shorter or longer cut changes the embeddings
             setup["task_max_length"] = first.spt_config.task_max_length
         digest.update(json.dumps(setup, sort_keys=True).encode())

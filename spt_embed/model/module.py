@@ -151,7 +151,7 @@ class SuffixPromptModule(BackboneModule):
         cls, backbone: str | os.PathLike | Backbone, *, dtype: torch.dtype = torch.float32, **config: Any
     ) -> SuffixPromptModule:
         """A fresh module on `backbone` (a spec, loaded in `dtype`, or a loaded Backbone). `config`: fields of
-        SuffixPromptConfig (num_tokens, init, init_text, placement, max_length, readout, method, tasks,
+        SuffixPromptConfig (num_tokens, init, init_text, placement, tail, max_length, readout, method, tasks,
         task_max_length, seed); None keeps a default. The method picks the class (deep-suffix: `DeepSuffixModule`)."""
         if not isinstance(backbone, Backbone):
             backbone = load_backbone(backbone, dtype=dtype)
@@ -211,8 +211,9 @@ class SuffixPromptModule(BackboneModule):
         """Left-padded token ids of the texts, cut to leave room for the K soft tokens: to the task's maximum
         length (`task_max_length`), or `max_length` where the caller gives one (a training collator's override).
 
-        An empty string yields no text tokens: its embedding is that of the soft prompt alone (plus any special
-        tokens the tokenizer adds), the same vector for every empty input. The task, when given, is kept in the
+        A `tail` in the config follows every text and is kept whole when the text is cut. An empty string yields no
+        text tokens: its embedding is that of the soft prompt alone (plus the tail and any special tokens the
+        tokenizer adds), the same vector for every empty input. The task, when given, is kept in the
         features so that forward() picks its soft prompt whichever way it is called.
         """
         limit = max_length or self.max_length_for(task)
@@ -225,18 +226,39 @@ class SuffixPromptModule(BackboneModule):
             log = logger.debug if self._warned_empty else logger.warning
             log("%d empty text(s) in this batch: each is encoded from the soft prompt alone.", empty)
             self._warned_empty = True
-        encoded = self.tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=limit - self.num_tokens,
-            padding_side="left",
-            return_tensors="pt",
-        )
+        if self.spt_config.tail:
+            encoded = self._with_tail(texts, limit - self.num_tokens)
+        else:
+            encoded = self.tokenizer(
+                texts,
+                padding=True,
+                truncation=True,
+                max_length=limit - self.num_tokens,
+                padding_side="left",
+                return_tensors="pt",
+            )
         features: dict[str, Any] = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         if task is not None:
             features["task"] = task
         return features
+
+    def _with_tail(self, texts: list[str], limit: int) -> dict[str, torch.Tensor]:
+        """Token ids of each text followed by the config's `tail` (tokenized apart, before any special token the
+        tokenizer appends), the text cut so that the row fits in `limit` tokens with the tail whole; left-padded."""
+        tail = self.tokenizer(self.spt_config.tail, add_special_tokens=False)["input_ids"]
+        appended = self.appended_specials()
+        room = limit - len(tail) - appended
+        if room < 1:
+            raise ValueError(
+                f"tail {self.spt_config.tail!r} takes {len(tail)} tokens, which with the {self.num_tokens} soft "
+                f"tokens leaves no room for text in max_length {limit + self.num_tokens}; raise max_length or "
+                f"shorten the tail."
+            )
+        rows = []
+        for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]:
+            body, end = ids[: len(ids) - appended], ids[len(ids) - appended :]
+            rows.append(body[:room] + tail + end)
+        return self.left_pad(rows)
 
     def forward(
         self, features: dict[str, torch.Tensor], task: str | None = None, **kwargs: Any

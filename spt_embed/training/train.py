@@ -49,8 +49,8 @@ UNUSED_BY = {
     Method.SUFFIX: ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
     Method.DEEP_SUFFIX: ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
     Method.PROMPT: ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "placement"),
-    Method.PREFIX: ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "placement", "readout", "prompt"),
-    Method.LORA: ("num_tokens", "init", "init_text", "placement", "readout", "prompt"),
+    Method.PREFIX: ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "placement", "readout", "prompt", "tail"),
+    Method.LORA: ("num_tokens", "init", "init_text", "placement", "readout", "prompt", "tail"),
 }
 
 
@@ -328,6 +328,7 @@ def build_model(config: TrainConfig):
         init=config.init,
         init_text=config.init_text,
         placement="prefix" if config.method is Method.PROMPT else config.placement,
+        tail=config.tail,
         max_length=config.max_length,
         readout=config.readout,
         prompt=config.prompt,

@@ -88,6 +88,14 @@ class TrainConfig(RecipeConfig):
             "the text. Saved as the encoder's default prompt, so encode() applies it too."
         },
     )
+    tail: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hard text after every text, kept whole when a text is cut, e.g. '\" means in one word:\"' "
+            "(suffix, deep-suffix, prompt): with --method prompt the embedding is then read at the tail's last "
+            "token instead of wherever the cut fell."
+        },
+    )
     max_length: int = field(default=128, metadata={"help": "Max tokens per training text incl. soft tokens."})
     tasks: list[str] = field(
         default_factory=list,
@@ -222,6 +230,11 @@ class TrainConfig(RecipeConfig):
         if self.method is Method.PREFIX and self.init is Init.VOCAB:
             # Checked here, before a run folder is made or data is read.
             raise ValueError("method=prefix supports init text (the backbone's keys/values of init_text) or random.")
+        if self.tail is not None and self.method in (Method.PREFIX, Method.LORA):
+            raise ValueError(
+                f"tail={self.tail!r}: method {self.method.value!r} reads the last token of its own PromptEOL "
+                f"template, whose tail is already kept; --tail is for suffix, deep-suffix and prompt."
+            )
         if self.tasks and self.method not in (Method.SUFFIX, Method.DEEP_SUFFIX):
             raise ValueError(
                 f"tasks={self.tasks!r}: task soft prompts exist for method suffix and deep-suffix only, not "
@@ -253,5 +266,7 @@ class TrainConfig(RecipeConfig):
             raise ValueError(
                 f"select_on={self.select_on.value!r} needs a retrieval dev set: set retrieval_dev_rows (e.g. 200)."
             )
+        if self.tail == "":
+            raise ValueError("tail is empty; give the text (e.g. '\" means in one word:\"') or leave it unset.")
         if self.prompt == "":
             raise ValueError("prompt is empty; give the template text (e.g. 'This sentence : \"') or leave it unset.")
