@@ -59,7 +59,7 @@ def test_todays_save_writes_the_same_files(tmp_path):
     assert files(tmp_path / "again") == files(ADAPTER)
     # Fields added since 0.1 are written with the value a 0.1 folder is read with.
     added = {
-        "spt_config.json": {"readout": "last", "method": "suffix", "tasks": [], "task_max_length": {}},
+        "spt_config.json": {"readout": "last", "method": "suffix", "tasks": [], "task_max_length": {}, "tail": ""},
         "backbone/config.json": {},
     }
     for name in ("spt_config.json", "backbone/config.json"):
