@@ -88,6 +88,12 @@ class BackboneModule(InputModule):
                 return len(full) - start - len(plain)
         return 0
 
+    @staticmethod
+    def cut_keeping_end(rows: list[list[int]], limit: int, kept: int) -> list[list[int]]:
+        """Each row cut to `limit` tokens from the middle: the start and the last `kept` tokens (a template's tail
+        and the special tokens after it) survive."""
+        return [row if len(row) <= limit else row[: limit - kept] + row[len(row) - kept :] for row in rows]
+
     def left_pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         """Token id rows as left-padded `input_ids` and `attention_mask`; an empty row gets one pad token, so that
         every row has a position to read."""

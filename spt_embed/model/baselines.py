@@ -106,7 +106,7 @@ class BaselineModule(BackboneModule):
         texts = [self._prefix + (prompt or "") + text + self._suffix for text in self.check_texts(inputs)]
         ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
         limit = self.max_seq_length
-        ids = [row if len(row) <= limit else row[: limit - self._tail] + row[len(row) - self._tail :] for row in ids]
+        ids = self.cut_keeping_end(ids, limit, self._tail)
         # A row needs one token to pool from: an empty text with no template and no special tokens gets a pad.
         return self.left_pad(ids)
 

@@ -143,6 +143,10 @@ class SuffixPromptModule(BackboneModule):
         self.recompute_mlp = False
         self._logged_path: ForwardPath | None = None
         self._warned_empty = False
+        # The config's tail as token ids, tokenized apart from the texts, and the special tokens the tokenizer puts
+        # after a text: preprocess() keeps both whole when it cuts a text.
+        self._tail_ids = self.tokenizer(config.tail, add_special_tokens=False)["input_ids"] if config.tail else []
+        self._appended_specials = self.appended_specials() if config.tail else 0
 
     # ----- construction -------------------------------------------------------------------------------------
 
@@ -245,19 +249,18 @@ class SuffixPromptModule(BackboneModule):
     def _with_tail(self, texts: list[str], limit: int) -> dict[str, torch.Tensor]:
         """Token ids of each text followed by the config's `tail` (tokenized apart, before any special token the
         tokenizer appends), the text cut so that the row fits in `limit` tokens with the tail whole; left-padded."""
-        tail = self.tokenizer(self.spt_config.tail, add_special_tokens=False)["input_ids"]
-        appended = self.appended_specials()
-        room = limit - len(tail) - appended
-        if room < 1:
+        tail, appended = self._tail_ids, self._appended_specials
+        if limit - len(tail) - appended < 1:
             raise ValueError(
                 f"tail {self.spt_config.tail!r} takes {len(tail)} tokens, which with the {self.num_tokens} soft "
                 f"tokens leaves no room for text in max_length {limit + self.num_tokens}; raise max_length or "
                 f"shorten the tail."
             )
-        rows = []
-        for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]:
-            body, end = ids[: len(ids) - appended], ids[len(ids) - appended :]
-            rows.append(body[:room] + tail + end)
+        rows = [
+            ids[: len(ids) - appended] + tail + ids[len(ids) - appended :]
+            for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        ]
+        rows = self.cut_keeping_end(rows, limit, len(tail) + appended)
         return self.left_pad(rows)
 
     def forward(
