@@ -44,6 +44,7 @@ ROWS = (
     ("deep-suffix (K = 16 + per-layer offsets), lr 1e-2 (the shallow suffix's rate)", "deep-suffix",
      "deep-suffix-template-graded-fixed"),
     ("deep-suffix, lr 3e-2 (swept)", "deep-suffix", "deep-suffix-template-graded-lr3e-2"),
+    ("deep-suffix, lr 3e-2, temperature 0.02 (swept)", "deep-suffix", "deep-suffix-template-graded-lr3e-2-temp0.02"),
     ("prompt (K = 16 before the text)", "prompt", "prompt-graded"),
     ("prefix (K = 16 keys/values per layer, peft)", "prefix", "prefix-graded"),
     ("LoRA r = 16, lr 2e-4 (the recipe's rate)", "lora", "lora-graded"),
