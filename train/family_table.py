@@ -50,6 +50,13 @@ ROWS = (
     ("LoRA r = 16, lr 2e-4 (the recipe's rate)", "lora", "lora-graded"),
     ("LoRA r = 16, lr 3e-3 (swept)", "lora", "lora-graded-lr3e-3"),
 )
+# (label, runs of budget-60.jsonl that differ only in `seed`): the seed table under the main one, with the mean of
+# the seeds once all of them have run. The main table shows each method's first run.
+SEEDS = (
+    ("deep-suffix, lr 3e-2, temperature 0.02", ("deep-suffix-template-graded-lr3e-2-temp0.02",
+                                                "deep-suffix-template-graded-lr3e-2-temp0.02-seed43")),
+    ("LoRA r = 16, lr 3e-3", ("lora-graded-lr3e-3", "lora-graded-lr3e-3-seed43")),
+)
 
 
 def load_rows(path: Path) -> dict[str, dict]:
@@ -113,6 +120,44 @@ def markdown(header: list[str], rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_seed(row: dict) -> int | None:
+    """The seed a recorded run trained with: its override, else its recipe's."""
+    overrides = row.get("overrides") or {}
+    if "seed" in overrides:
+        return overrides["seed"]
+    import yaml
+
+    config = REPO / row["config"]
+    return yaml.safe_load(config.read_text(encoding="utf-8")).get("seed") if config.is_file() else None
+
+
+def seed_table(budget: dict[str, dict]) -> str:
+    """One line per run of SEEDS (its seed, test scores, average), then the mean over the seeds of each method when
+    every one of them has run, and how far apart they are (max - min of the average)."""
+    header = ["method", "run", "seed", *TASKS, "average", "CPU of the run"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 3) + "---|"]
+    for label, names in SEEDS:
+        done = []
+        for name in names:
+            row = budget.get(name)
+            if row is None or not all(t in row.get("scores", {}) for t in TASKS):
+                lines.append(f"| {label} | {name} | not run | " + " | ".join(["–"] * (len(header) - 3)) + " |")
+                continue
+            average = round(sum(row["scores"][t] for t in TASKS) / len(TASKS), 2)
+            done.append((row["scores"], average))
+            cpu = (row.get("cpu") or "–").split(" (")[0]
+            lines.append("| " + " | ".join([label, name, str(run_seed(row)), *(str(row["scores"][t]) for t in TASKS),
+                                            str(average), cpu]) + " |")
+        if len(done) == len(names) > 1:
+            means = [round(sum(s[t] for s, _ in done) / len(done), 2) for t in TASKS]
+            averages = [a for _, a in done]
+            mean = round(sum(averages) / len(averages), 2)
+            spread = round(max(averages) - min(averages), 2)
+            lines.append(f"| **{label}** | mean of {len(done)} seeds | – | " + " | ".join(map(str, means))
+                         + f" | **{mean}** (spread {spread}) | – |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -143,8 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench", type=Path, default=REPO / "train/results/bench_step.json")
     parser.add_argument("--out", type=Path, default=REPO / "train/results/family.md")
     args = parser.parse_args(argv)
-    header, rows = table(load_rows(args.budget), bench_pairs(args.bench))
+    budget = load_rows(args.budget)
+    header, rows = table(budget, bench_pairs(args.bench))
     text = markdown(header, rows)
+    if SEEDS:
+        text += "\nSeeds (runs that differ only in `seed`):\n\n" + seed_table(budget)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text(args.out, text)
     plot(rows, args.out.with_suffix(".png"))
