@@ -59,7 +59,8 @@ def test_todays_save_writes_the_same_files(tmp_path):
     assert files(tmp_path / "again") == files(ADAPTER)
     # Fields added since 0.1 are written with the value a 0.1 folder is read with.
     added = {
-        "spt_config.json": {"readout": "last", "method": "suffix", "tasks": [], "task_max_length": {}, "tail": ""},
+        "spt_config.json": {"readout": "last", "method": "suffix", "tasks": [], "task_max_length": {}, "tail": "",
+                            "deep_offsets": "states"},
         "backbone/config.json": {},
     }
     for name in ("spt_config.json", "backbone/config.json"):

@@ -117,6 +117,8 @@ def run_info(args: argparse.Namespace) -> None:
         ("attention", "causal" if module.is_causal else "bidirectional"),
         ("hidden size", f"{ref.hidden_size}"),
         ("method", cfg.method.value),
+        *((("deep offsets", f"{cfg.deep_offsets.value} (at the soft positions, every layer)"),)
+          if cfg.method.value == "deep-suffix" else ()),
         ("soft tokens (K)", f"{cfg.num_tokens}"),
         ("placement", cfg.placement.value),
         ("init", cfg.init.value + (f" ({cfg.init_text!r})" if cfg.init.value == "text" else "")),

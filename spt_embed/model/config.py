@@ -17,6 +17,7 @@ WEIGHTS_NAME = "soft_prompt.safetensors"
 WEIGHTS_KEY = "soft_prompt"
 LAYER_WEIGHTS_KEY = "layer_weights"  # the layer-mix readout's weights, beside the soft tokens in WEIGHTS_NAME
 LAYER_OFFSETS_KEY = "layer_offsets"  # deep-suffix: per-layer offsets (N, K, H) at the soft positions, same file
+KV_OFFSETS_KEY = "kv_offsets"  # deep-suffix, deep_offsets='kv': per-layer key/value offsets (N, 2, K, kv width)
 DEFAULT_TASK_PROMPT = "default"  # how freeze lists and index metadata name the prompt of texts without a task
 TASK_NAME = re.compile(r"[a-z][a-z0-9_-]*")  # a task soft prompt's name: lower case, as sentence-transformers' tasks
 
@@ -31,6 +32,13 @@ class AdapterMethod(str, enum.Enum):
 
     SUFFIX = "suffix"  # K soft tokens after the text, nothing else
     DEEP_SUFFIX = "deep-suffix"  # plus, at every decoder layer, a trained offset to the K soft positions' states
+
+
+class DeepOffsets(str, enum.Enum):
+    """Where a deep suffix's per-layer offsets act at the K soft positions."""
+
+    STATES = "states"  # each decoder layer's output there (K x hidden per layer)
+    KV = "kv"  # the keys and values each layer's attention computes there: the P-tuning v2 form (K x 2 x kv width)
 
 
 class Init(str, enum.Enum):
@@ -111,6 +119,15 @@ class SuffixPromptConfig:
             "read 'suffix'."
         },
     )
+    deep_offsets: DeepOffsets = field(
+        default=DeepOffsets.STATES,
+        metadata={
+            "help": "method='deep-suffix' only: where its per-layer offsets act at the K soft positions: states "
+            "(each decoder layer's output, K x hidden numbers a layer) or kv (the keys and values of each layer's "
+            "attention, before the rotary embedding: the P-tuning v2 form, K x 2 x key/value width a layer). "
+            "Configs written without this field read 'states'."
+        },
+    )
     tasks: list[str] = field(
         default_factory=list,
         metadata={
@@ -139,6 +156,12 @@ class SuffixPromptConfig:
         self.placement = parse_enum(Placement, self.placement, "placement")
         self.readout = parse_enum(Readout, self.readout, "readout")
         self.method = parse_enum(AdapterMethod, self.method, "method")
+        self.deep_offsets = parse_enum(DeepOffsets, self.deep_offsets, "deep_offsets")
+        if self.deep_offsets is not DeepOffsets.STATES and self.method is not AdapterMethod.DEEP_SUFFIX:
+            raise ValueError(
+                f"deep_offsets={self.deep_offsets.value!r} is an option of method='deep-suffix' (the per-layer "
+                f"offsets); method={self.method.value!r} has none."
+            )
         if self.method is AdapterMethod.DEEP_SUFFIX and self.placement is not Placement.SUFFIX:
             raise ValueError(
                 "method='deep-suffix' offsets the states of soft tokens that follow the text; it needs "
@@ -186,6 +209,7 @@ class SuffixPromptConfig:
         data["placement"] = self.placement.value
         data["readout"] = self.readout.value
         data["method"] = self.method.value
+        data["deep_offsets"] = self.deep_offsets.value
         return data
 
     def save(self, directory: str | Path) -> None:

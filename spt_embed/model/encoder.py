@@ -10,7 +10,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Normalize
 
-from spt_embed.model.config import AdapterMethod, Init, Placement, Readout
+from spt_embed.model.config import AdapterMethod, DeepOffsets, Init, Placement, Readout
 from spt_embed.model.dtypes import resolve_dtype
 from spt_embed.model.loading import load_folder
 from spt_embed.model.module import SuffixPromptModule
@@ -34,6 +34,7 @@ class SuffixPromptEncoder(SentenceTransformer):
         readout: Readout | str = Readout.LAST,
         prompt: str | None = None,
         method: AdapterMethod | str = AdapterMethod.SUFFIX,
+        deep_offsets: DeepOffsets | str | None = None,
         tasks: list[str] | None = None,
         task_max_length: dict[str, int] | None = None,
         normalize: bool = True,
@@ -48,6 +49,8 @@ class SuffixPromptEncoder(SentenceTransformer):
         `tail`: hard text after every text, kept whole when a text is cut (e.g. PromptEOL's '" means in one word:"'
         with placement='prefix', so that the last position read is the template's, not the cut text's).
         `method`: suffix (the soft tokens alone) or deep-suffix (plus per-layer offsets at the soft positions).
+        `deep_offsets` (deep-suffix): where those offsets act: 'states' (each layer's output, the default) or 'kv'
+        (the keys and values of each layer's attention, the P-tuning v2 form).
         `tasks`: soft prompts of their own for these tasks, e.g. ['query', 'document'] (`encode_query` /
         `encode_document`; `encode` keeps the default prompt); `task_max_length`: a maximum length per task."""
         if prompt is not None and (not isinstance(prompt, str) or not prompt):
@@ -62,6 +65,7 @@ class SuffixPromptEncoder(SentenceTransformer):
             max_length=max_length,
             readout=readout,
             method=method,
+            deep_offsets=deep_offsets,
             tasks=tasks,
             task_max_length=task_max_length,
             seed=seed,

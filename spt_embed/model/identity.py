@@ -78,6 +78,8 @@ def model_fingerprint(model) -> tuple[str, str]:
             setup["readout"] = first.readout.value
         if first.spt_config.method.value != "suffix":
             setup["method"] = first.spt_config.method.value
+        if first.spt_config.deep_offsets.value != "states":  # where a deep suffix's offsets act
+            setup["deep_offsets"] = first.spt_config.deep_offsets.value
         if first.spt_config.tasks:  # task soft prompts: which tensor is which task's
             setup["tasks"] = first.spt_config.tasks
         if first.spt_config.tail:  # text after every text

@@ -21,6 +21,7 @@ from spt_embed.model.backbone import Backbone, load_backbone
 from spt_embed.model.base import BackboneModule, grouped_query_sdpa
 from spt_embed.model.config import (
     CONFIG_NAME,
+    KV_OFFSETS_KEY,
     LAYER_OFFSETS_KEY,
     LAYER_WEIGHTS_KEY,
     AdapterMethod,
@@ -156,7 +157,7 @@ class SuffixPromptModule(BackboneModule):
     ) -> SuffixPromptModule:
         """A fresh module on `backbone` (a spec, loaded in `dtype`, or a loaded Backbone). `config`: fields of
         SuffixPromptConfig (num_tokens, init, init_text, placement, tail, max_length, readout, method, tasks,
-        task_max_length, seed); None keeps a default. The method picks the class (deep-suffix: `DeepSuffixModule`)."""
+        task_max_length, deep_offsets, seed); None keeps a default. The method picks the class (deep-suffix: `DeepSuffixModule`)."""
         if not isinstance(backbone, Backbone):
             backbone = load_backbone(backbone, dtype=dtype)
         given = {name: value for name, value in config.items() if value is not None}
@@ -438,7 +439,8 @@ def adapter_class(method: AdapterMethod) -> type[SuffixPromptModule]:
 
 
 # The constructor argument each weights-file key is given to.
-ARGUMENT_OF = {WEIGHTS_KEY: "soft_prompt", LAYER_WEIGHTS_KEY: "layer_weights", LAYER_OFFSETS_KEY: "layer_offsets"}
+ARGUMENT_OF = {WEIGHTS_KEY: "soft_prompt", LAYER_WEIGHTS_KEY: "layer_weights", LAYER_OFFSETS_KEY: "layer_offsets",
+               KV_OFFSETS_KEY: "kv_offsets"}
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

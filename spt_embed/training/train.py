@@ -42,7 +42,8 @@ STAGING = "adapter"  # the trained encoder is saved into .adapter.tmp-* first, t
 
 # What a checkpoint's tensors are shaped by, or trained on: a resume cannot change these.
 FIXED_ON_RESUME = (
-    "method", "backbone", "num_tokens", "placement", "readout", "tasks", "lora_r", "lora_alpha", "lora_targets"
+    "method", "backbone", "num_tokens", "placement", "readout", "deep_offsets", "tasks", "lora_r", "lora_alpha",
+    "lora_targets",
 )
 # The options one method does not read; a resume does not compare them.
 UNUSED_BY = {
@@ -333,6 +334,7 @@ def build_model(config: TrainConfig):
         readout=config.readout,
         prompt=config.prompt,
         method="deep-suffix" if config.method is Method.DEEP_SUFFIX else "suffix",
+        deep_offsets=config.deep_offsets,
         tasks=config.tasks,
         task_max_length={DOCUMENT: config.document_max_length} if config.document_max_length else None,
         seed=config.seed,

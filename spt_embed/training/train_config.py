@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from spt_embed.model.config import Init, Placement, Readout
+from spt_embed.model.config import DeepOffsets, Init, Placement, Readout
 from spt_embed.recipe import RecipeConfig, Scheduler
 
 TRAIN_CONFIG_NAME = "train_config.json"
@@ -74,6 +74,14 @@ class TrainConfig(RecipeConfig):
     init: Init = field(default=Init.TEXT, metadata={"help": "Soft-token init: random, vocab or text."})
     init_text: str | None = field(default=None, metadata={"help": "Text for init=text (PromptEOL tail if unset)."})
     placement: Placement = field(default=Placement.SUFFIX, metadata={"help": "suffix or prefix."})
+    deep_offsets: DeepOffsets = field(
+        default=DeepOffsets.STATES,
+        metadata={
+            "help": "deep-suffix: where the per-layer offsets act at the K soft positions: states (each decoder "
+            "layer's output) or kv (the keys and values of each layer's attention: the P-tuning v2 form, fewer "
+            "numbers)."
+        },
+    )
     readout: Readout = field(
         default=Readout.LAST,
         metadata={
@@ -234,6 +242,11 @@ class TrainConfig(RecipeConfig):
             raise ValueError(
                 f"tail={self.tail!r}: method {self.method.value!r} reads the last token of its own PromptEOL "
                 f"template, whose tail is already kept; --tail is for suffix, deep-suffix and prompt."
+            )
+        if self.deep_offsets is not DeepOffsets.STATES and self.method is not Method.DEEP_SUFFIX:
+            raise ValueError(
+                f"deep_offsets={self.deep_offsets.value!r} is an option of method deep-suffix, not "
+                f"{self.method.value!r}."
             )
         if self.tasks and self.method not in (Method.SUFFIX, Method.DEEP_SUFFIX):
             raise ValueError(
