@@ -156,8 +156,9 @@ class SuffixPromptModule(BackboneModule):
         cls, backbone: str | os.PathLike | Backbone, *, dtype: torch.dtype = torch.float32, **config: Any
     ) -> SuffixPromptModule:
         """A fresh module on `backbone` (a spec, loaded in `dtype`, or a loaded Backbone). `config`: fields of
-        SuffixPromptConfig (num_tokens, init, init_text, placement, tail, max_length, readout, method, tasks,
-        task_max_length, deep_offsets, seed); None keeps a default. The method picks the class (deep-suffix: `DeepSuffixModule`)."""
+        SuffixPromptConfig (num_tokens, init, init_text, placement, tail, max_length, readout, method, deep_offsets,
+        tasks, task_max_length, seed); None keeps a default. The method picks the class (deep-suffix:
+        `DeepSuffixModule`)."""
         if not isinstance(backbone, Backbone):
             backbone = load_backbone(backbone, dtype=dtype)
         given = {name: value for name, value in config.items() if value is not None}
