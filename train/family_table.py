@@ -40,7 +40,8 @@ TASKS = ("STSBenchmark", "SICK-R", "SciFact", "Banking77Classification")
 # (label, method of the step benchmark, row of budget-60.jsonl or an `spt-embed eval` folder for the zero-shot row)
 ROWS = (
     ("PromptEOL zero-shot (no training)", None, "eval/results/smollm2-prompteol-bf16"),
-    ("suffix (K = 16, fast path)", "fast", "suffix-template-graded"),
+    ("suffix (K = 16, fast path), temperature 0.05", "fast", "suffix-template-graded"),
+    ("suffix, temperature 0.02 (swept)", "fast", "suffix-template-graded-temp0.02"),
     ("deep-suffix (K = 16 + per-layer offsets), lr 1e-2 (the shallow suffix's rate)", "deep-suffix",
      "deep-suffix-template-graded-fixed"),
     ("deep-suffix, lr 3e-2 (swept)", "deep-suffix", "deep-suffix-template-graded-lr3e-2"),
