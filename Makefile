@@ -57,7 +57,8 @@ $(OV_STAMP): pyproject.toml
 test-openvino: setup-openvino
 	SPT_EMBED_REQUIRE_OPENVINO=1 $(OV_VENV)/bin/python -m pytest -q tests/test_export_backends.py
 
-# Ready for the day a GPU is lent: fast == full on CUDA, 20 bf16 training steps, the step benchmark, encode speed.
+# On a machine with a GPU: fast == full on CUDA, 20 bf16 training steps, the step benchmark, encode speed (ran on an
+# H200 on 2026-12-04: train/results/gpu/).
 gpu-check: setup
 	$(PY) eval/gpu_check.py --output train/results/gpu_check.json
 

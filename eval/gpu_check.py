@@ -6,11 +6,13 @@
 Sections (each one timed; a failing section is recorded with its error and the others still run):
   environment   torch, CUDA, the GPU's name and capability, native bfloat16
   fast_vs_full  the fast training path against the full pass on the device, in float32 and bfloat16: loss and
-                embeddings, and the relative error of every trained tensor's gradient (a suffix and a deep suffix)
+                embeddings, and the relative error of every trained tensor's gradient (a suffix and a deep suffix);
+                in bfloat16 both paths also against the float32 full pass (see TOLERANCE)
   train         `--steps` optimiser steps of the recipe (train/configs/smollm2-nli.yaml) on the device, in bfloat16
-                mixed precision (no dev evaluation): seconds per step and the loss falling
+                mixed precision (no dev evaluation): seconds per step; every step's loss finite
   bench_step    train/bench_step.py on the device (one round: forward, full, fast, lora), in its own JSON beside this
-  encode        texts per second of the recipe's encoder on STS-B dev sentences, float32 and bfloat16
+  encode        texts per second of the recipe's encoder on 512 STS-B dev sentences, float32 and bfloat16 (after a
+                warm-up pass; median of --encode-rounds)
 `ok` per section says whether its checks passed; the file's `ok` is all of them.
 """
 
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,9 +32,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ["environment", "fast_vs_full", "train", "bench_step", "encode"]
-# Tolerances of the fast == full check: float32 as the CPU tests; bfloat16 keeps 8 bits of mantissa, so the two
-# paths' different orders of summation differ at about 1e-2.
-TOLERANCE = {"float32": {"loss": 1e-5, "grad": 1e-4}, "bfloat16": {"loss": 3e-2, "grad": 5e-2}}
+# Tolerances of the fast == full check. float32: as the CPU tests, fast against full directly. bfloat16 keeps 8 bits
+# of mantissa, so two orders of summation differ by bfloat16's own error, which grows with the backbone's activations:
+# both paths are measured against the float32 full pass of the same trained parameters, and the fast path may be at
+# most BF16_FACTOR times as far from it as the full path is (it adds no error of its own). Until 2026-12-04 the bfloat16
+# check was fast against full directly at 5e-2; the first GPU run with the real SmolLM2 weights measured 5.5e-2 and
+# 6.0e-2 there (random weights: within it), which is bfloat16's error, not the fast path's: hence the reference.
+TOLERANCE = {"float32": {"loss": 1e-5, "grad": 1e-4}, "bfloat16": {"loss": 3e-2}}
+BF16_FACTOR = 1.5
 
 
 def environment(args) -> dict:
@@ -41,6 +50,7 @@ def environment(args) -> dict:
     cuda = torch.cuda.is_available()
     info = {
         "torch": torch.__version__,
+        "packages": {name: _version(name) for name in ("transformers", "sentence-transformers", "peft", "datasets")},
         "platform": platform.platform(),
         "cuda_available": cuda,
         "device": args.device,
@@ -51,6 +61,31 @@ def environment(args) -> dict:
                     cuda=torch.version.cuda, gpu_bf16=torch.cuda.is_bf16_supported())
     info["ok"] = cuda or not args.device.startswith("cuda")
     return info
+
+
+def _version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def random_backbone(source: str, folder: str) -> str:
+    """A backbone with `source`'s config and tokenizer and random weights (seed 0), saved into `folder`.
+
+    The same shapes, so the same cost per step and per text, and the same exactness checks; for a GPU machine that
+    the real weights cannot reach. Training losses and encodings are then not those of the real model.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return folder
 
 
 def _batch(rows: int):
@@ -69,16 +104,22 @@ def fast_vs_full(args) -> dict:
     anchors, positives, negatives = _batch(16)
     results = {}
     for method in ("suffix", "deep-suffix"):
+        reference = None  # the float32 model's trained parameters and its full pass: (loss, embedding, grads)
         for dtype_name in ("float32", "bfloat16"):
             dtype = getattr(torch, dtype_name)
             model = spt_embed.SuffixPromptEncoder.from_backbone(
                 args.backbone, num_tokens=16, method=method, dtype=dtype, device=args.device
             )
             module = model.prompt_module
-            if method == "deep-suffix":
-                with torch.no_grad():  # trained-looking offsets, so that they matter
-                    module.layer_offsets.normal_(0, 0.01, generator=torch.Generator(module.layer_offsets.device))
             params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+            with torch.no_grad():
+                if reference is None:
+                    if method == "deep-suffix":  # trained-looking offsets, so that they matter
+                        module.layer_offsets.normal_(0, 0.01, generator=torch.Generator(module.layer_offsets.device))
+                    start_params = {name: p.detach().clone() for name, p in params.items()}
+                else:  # the same trained parameters as the float32 reference
+                    for name, p in params.items():
+                        p.copy_(start_params[name])
             outcome = {}
             for path in (spt_embed.ForwardPath.FULL, spt_embed.ForwardPath.FAST):
                 module.zero_grad()
@@ -90,20 +131,36 @@ def fast_vs_full(args) -> dict:
                 loss.backward()
                 outcome[path] = (loss.item(), embed[0].detach().float(),
                                  {name: p.grad.detach().float().clone() for name, p in params.items()})
-            (full_loss, full_emb, full_grads), (fast_loss, fast_emb, fast_grads) = outcome.values()
-            grad_errors = {name: ((fast_grads[name] - full_grads[name]).norm() / full_grads[name].norm()).item()
-                           for name in params}
-            limits = TOLERANCE[dtype_name]
-            loss_error = abs(fast_loss - full_loss) / max(1.0, abs(full_loss))
-            results[f"{method}/{dtype_name}"] = {
-                "loss_full": full_loss, "loss_fast": fast_loss, "loss_rel_error": loss_error,
-                "embedding_max_abs_diff": (fast_emb - full_emb).abs().max().item(),
-                "grad_rel_error": grad_errors,
-                "ok": loss_error <= limits["loss"] and max(grad_errors.values()) <= limits["grad"],
-            }
-    results["tolerances"] = TOLERANCE
+            full, fast = outcome[spt_embed.ForwardPath.FULL], outcome[spt_embed.ForwardPath.FAST]
+            row = _differences(fast, full)
+            if dtype_name == "float32":
+                reference = full
+                limits = TOLERANCE["float32"]
+                row["ok"] = row["loss_rel_error"] <= limits["loss"] and max(row["grad_rel_error"].values()) <= limits[
+                    "grad"]
+            else:
+                row["vs_float32_full"] = {"full": _differences(full, reference), "fast": _differences(fast, reference)}
+                far = row["vs_float32_full"]
+                row["ok"] = row["loss_rel_error"] <= TOLERANCE["bfloat16"]["loss"] and all(
+                    far["fast"]["grad_rel_error"][name] <= BF16_FACTOR * far["full"]["grad_rel_error"][name]
+                    for name in params
+                )
+            results[f"{method}/{dtype_name}"] = {"loss_full": full[0], "loss_fast": fast[0], **row}
+    results["tolerances"] = {**TOLERANCE, "bfloat16_fast_over_full_distance_to_float32": BF16_FACTOR}
     results["ok"] = all(r["ok"] for key, r in results.items() if key != "tolerances")
     return results
+
+
+def _differences(outcome, reference) -> dict:
+    """Loss, embedding and gradient differences of one (loss, embedding, grads) against another."""
+    loss, embedding, grads = outcome
+    ref_loss, ref_embedding, ref_grads = reference
+    return {
+        "loss_rel_error": abs(loss - ref_loss) / max(1.0, abs(ref_loss)),
+        "embedding_max_abs_diff": (embedding - ref_embedding).abs().max().item(),
+        "grad_rel_error": {name: ((grads[name] - ref_grads[name]).norm() / ref_grads[name].norm()).item()
+                           for name in ref_grads},
+    }
 
 
 def _to(features: dict, device: str) -> dict:
@@ -123,11 +180,16 @@ def train(args) -> dict:
         seconds = time.perf_counter() - start
         records = [json.loads(line) for line in Path(f"{folder}/run/train_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
+    half = len(losses) // 2
+    # The recipe mixes sources with different losses (InfoNCE on triplets and pairs, CoSENT on graded pairs) and
+    # each batch comes from one of them, so one step's loss against another's says little: the check is that every
+    # step ran and every loss is finite; the halves' means are reported, not judged.
     return {
         "steps": args.steps, "bf16": True, "seconds_total": round(seconds, 2),
-        "seconds_per_step": round(seconds / args.steps, 3), "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-        "ok": len(losses) >= 2 and all(loss == loss for loss in losses) and losses[-1] < losses[0],
+        "seconds_per_step": round(seconds / args.steps, 3), "losses": losses,
+        "mean_loss_first_half": sum(losses[:half]) / half if half else None,
+        "mean_loss_second_half": sum(losses[half:]) / (len(losses) - half) if half else None,
+        "ok": len(losses) == args.steps and all(math.isfinite(loss) for loss in losses),
     }
 
 
@@ -156,13 +218,17 @@ def encode(args) -> dict:
         model = spt_embed.SuffixPromptEncoder.from_backbone(
             args.backbone, num_tokens=16, dtype=getattr(torch, dtype_name), device=args.device
         )
-        model.encode(texts[:64], batch_size=64)  # warm-up
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.encode(texts, batch_size=64)
-        seconds = time.perf_counter() - start
-        results[dtype_name] = {"texts": len(texts), "seconds": round(seconds, 3),
+        model.encode(texts, batch_size=64)  # warm-up: every batch shape once
+        runs = []
+        for _ in range(args.encode_rounds):
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model.encode(texts, batch_size=64)
+            runs.append(time.perf_counter() - start)
+        seconds = statistics.median(runs)
+        results[dtype_name] = {"texts": len(texts), "batch_size": 64, "seconds_median": round(seconds, 3),
+                               "seconds_per_round": [round(r, 3) for r in runs],
                                "texts_per_s": round(len(texts) / seconds, 1)}
     results["ok"] = True
     return results
@@ -173,10 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke test of the script)")
     parser.add_argument("--backbone", default="smollm2-135m", help="backbone spec (default: the bundled SmolLM2)")
     parser.add_argument("--steps", type=int, default=20, help="training steps of the train section (default 20)")
+    parser.add_argument("--encode-rounds", type=int, default=3, help="timed rounds of the encode section (median)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="use only the config and tokenizer of --backbone (a model directory), with random weights: "
+                        "the same shapes and costs, for a machine that the real weights cannot reach")
     parser.add_argument("--skip", nargs="+", default=[], choices=SECTIONS, help="sections not to run")
     parser.add_argument("--output", default=str(REPO / "train/results/gpu_check.json"))
     args = parser.parse_args(argv)
-    report: dict = {"command": "python eval/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    report: dict = {"command": "python eval/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "weights": "random (config and tokenizer of the backbone)" if args.random_weights else "real"}
+    if args.random_weights:
+        args.backbone = random_backbone(args.backbone, tempfile.mkdtemp(prefix="gpu_check_backbone_"))
     functions = {"environment": environment, "fast_vs_full": fast_vs_full, "train": train, "bench_step": bench_step,
                  "encode": encode}
     for name in SECTIONS:

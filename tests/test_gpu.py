@@ -54,7 +54,9 @@ def test_gpu_check_smoke_on_cpu(backbones, tmp_path, capsys):
     assert set(report) >= {"environment", "fast_vs_full", "train", "encode", "ok"}
     assert report["fast_vs_full"]["suffix/float32"]["ok"], report["fast_vs_full"]
     assert report["fast_vs_full"]["deep-suffix/float32"]["ok"], report["fast_vs_full"]
+    assert report["fast_vs_full"]["suffix/bfloat16"]["vs_float32_full"].keys() == {"full", "fast"}
     assert report["train"]["steps"] == 3 and report["train"]["seconds_per_step"] > 0
+    assert len(report["train"]["losses"]) == 3
     assert report["encode"]["float32"]["texts_per_s"] > 0
     assert code == (0 if report["ok"] else 1)
 
@@ -66,3 +68,17 @@ def test_gpu_check_stops_without_cuda(tmp_path, monkeypatch):
     assert gpu_check.main(["--device", "cuda", "--output", str(out)]) == 1
     report = json.loads(out.read_text())
     assert report["environment"]["ok"] is False and "train" not in report
+
+
+def test_gpu_check_random_weights_keep_the_shapes_not_the_weights(backbones, tmp_path):
+    """--random-weights: the backbone's config and tokenizer with fresh weights (the same costs, other numbers)."""
+    from transformers import AutoModelForCausalLM
+
+    gpu_check = load_gpu_check()
+    folder = gpu_check.random_backbone(str(backbones["llama"]), str(tmp_path / "random"))
+    source = AutoModelForCausalLM.from_pretrained(backbones["llama"]).state_dict()
+    random = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    assert {k: v.shape for k, v in random.items()} == {k: v.shape for k, v in source.items()}
+    assert any(not torch.equal(random[k], source[k]) for k in source)
+    encoder = SuffixPromptEncoder.from_backbone(folder, num_tokens=2, device="cpu")
+    assert encoder.encode(SENTENCES[:2]).shape == (2, encoder.get_sentence_embedding_dimension())
