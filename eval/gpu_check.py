@@ -248,8 +248,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report: dict = {"command": "python eval/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                     "weights": "random (config and tokenizer of the backbone)" if args.random_weights else "real"}
-    if args.random_weights:
-        args.backbone = random_backbone(args.backbone, tempfile.mkdtemp(prefix="gpu_check_backbone_"))
+    with tempfile.TemporaryDirectory(prefix="gpu_check_backbone_") as scratch:  # the random backbone, removed after
+        if args.random_weights:
+            args.backbone = random_backbone(args.backbone, scratch)
+        _run_sections(args, report)
+    report["ok"] = all(value["ok"] for key, value in report.items() if isinstance(value, dict))
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}: {'all checks passed' if report['ok'] else 'some checks FAILED'}")
+    return 0 if report["ok"] else 1
+
+
+def _run_sections(args, report: dict) -> None:
+    """Each section not skipped, in order, into `report`; a failing section is recorded and the others still run."""
     functions = {"environment": environment, "fast_vs_full": fast_vs_full, "train": train, "bench_step": bench_step,
                  "encode": encode}
     for name in SECTIONS:
@@ -266,12 +278,6 @@ def main(argv: list[str] | None = None) -> int:
         if name == "environment" and not result["ok"]:
             print("No CUDA device: nothing else to check (run with --device cpu for a smoke test).", flush=True)
             break
-    report["ok"] = all(value["ok"] for key, value in report.items() if isinstance(value, dict))
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}: {'all checks passed' if report['ok'] else 'some checks FAILED'}")
-    return 0 if report["ok"] else 1
 
 
 if __name__ == "__main__":
