@@ -246,24 +246,30 @@ def run_eval_dtype(run: dict, spec: dict) -> str:
 
 
 def plot_curves(rows: list[dict], path: Path, budget: float) -> None:
+    """Dev score against training minutes, one panel per CPU (minutes on different CPUs do not compare); every run
+    keeps one colour of its own, and LoRA runs are dashed so that the methods read apart at a glance."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    # Minutes on different CPUs do not compare: where the rows ran on more than one, each label names its CPU.
-    several = len({cpu_name(row) for row in rows}) > 1
-    for row in rows:
+    cpus = list(dict.fromkeys(cpu_name(row) for row in rows)) or ["CPU not recorded"]
+    fig, axes = plt.subplots(1, len(cpus), figsize=(6.5 * len(cpus) + 3, 4.8), sharey=True, squeeze=False)
+    colours = plt.get_cmap("tab20" if len(rows) > 10 else "tab10")
+    for index, row in enumerate(rows):
+        ax = axes[0][cpus.index(cpu_name(row))]
         points = [(m, d) for _, m, d in row["dev_curve"] if m == m]  # m == m: NaN (no time logged) left out
-        label = f"{row['name']} [{cpu_name(row)}]" if several else row["name"]
+        style = "--" if "lora" in row["name"] else "-"
         if points:
-            ax.plot(*zip(*points), "o-", label=label, markersize=3)
-    ax.axvline(budget, color="grey", linestyle=":", label=f"budget ({budget:g} min)")
-    ax.set_xlabel("training minutes (2 CPU cores; dev evaluations not counted)")
-    ax.set_ylabel("STS-B dev Spearman x100 (all 1,500 pairs)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+            ax.plot(*zip(*points), marker="o", linestyle=style, color=colours(index % colours.N), label=row["name"],
+                    markersize=3)
+    for ax, cpu in zip(axes[0], cpus):
+        ax.axvline(budget, color="grey", linestyle=":", label=f"budget ({budget:g} min)")
+        ax.set_title(cpu if len(cpus) > 1 else "", fontsize=10)
+        ax.set_xlabel("training minutes (2 CPU cores; dev evaluations not counted)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("STS-B dev Spearman x100 (all 1,500 pairs)")
     fig.tight_layout()
     with atomic_file(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=120)
