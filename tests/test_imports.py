@@ -34,7 +34,9 @@ def test_baseline_choices_are_the_baselines():
     assert list(BASELINE_CHOICES) == [b.value for b in Baseline]
 
 
-@pytest.mark.parametrize("command", ["encode", "info", "train", "mntp", "export", "eval", "index", "search", "index-merge"])
+@pytest.mark.parametrize(
+    "command", ["encode", "info", "train", "mntp", "export", "merge-lora", "eval", "index", "search", "index-merge"]
+)
 def test_every_command_has_help(command, capsys):
     from spt_embed.cli.main import main
 

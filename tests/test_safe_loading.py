@@ -16,7 +16,7 @@ import spt_embed
 from spt_embed import SuffixPromptEncoder
 from spt_embed.cli.main import main
 from spt_embed.model import base
-from spt_embed.model.baselines import LORA_WEIGHTS, lora_baseline_encoder
+from spt_embed.model.baselines import LORA_WEIGHTS, lora_baseline_encoder, merge_lora_for_inference
 from spt_embed.model.encoder import open_encoder
 
 from .conftest import SENTENCES
@@ -249,6 +249,14 @@ def test_known_folders_load_as_before(saved, tmp_path, kind, make):
     folder = make(saved, tmp_path)
     expected = st_reference(folder)
     before = files(folder)
+    if kind == "LoRA baseline":
+        # open_encoder merges a LoRA adapter in memory for encoding; as saved, it loads as sentence-transformers
+        # loads it, bit for bit, and merged as the same reference merged.
+        unmerged = open_encoder(folder, device="cpu", merge_lora=False)
+        assert unmerged[0].has_lora
+        as_saved = unmerged.encode(SENTENCES, convert_to_tensor=True)
+        assert torch.equal(as_saved, expected.encode(SENTENCES, convert_to_tensor=True))
+        expected = merge_lora_for_inference(expected)
     loaded = open_encoder(folder, device="cpu")
     assert files(folder) == before  # loading writes nothing
     assert [type(m) for m in loaded] == [type(m) for m in expected]

@@ -236,6 +236,48 @@ def test_document_max_length_is_refused_where_unused(tmp_path):
         TrainConfig(output=str(tmp_path / "o"), data=["snli-triplets"], method="lora", document_max_length=512)
 
 
+def test_document_max_length_defaults_to_512_with_a_document_prompt(tmp_path):
+    """Issue 17: documents get 512 tokens by default beside a document task prompt, queries keep max_length; no
+    document prompt (or max_length already that long): None, i.e. max_length; an explicit value wins."""
+    base = dict(output=str(tmp_path / "o"), data=["snli-triplets"])
+    for method in ("suffix", "deep-suffix"):
+        assert TrainConfig(tasks=TASKS, method=method, **base).document_max_length == 512
+    assert TrainConfig(tasks=["document"], **base).document_max_length == 512
+    assert TrainConfig(**base).document_max_length is None
+    assert TrainConfig(tasks=["query"], **base).document_max_length is None
+    assert TrainConfig(tasks=TASKS, document_max_length=40, **base).document_max_length == 40
+    assert TrainConfig(tasks=TASKS, max_length=1024, **base).document_max_length is None  # not cut below max_length
+    for method in ("prompt", "prefix", "lora"):  # no task prompts, nothing reads the field: no default, no error
+        assert TrainConfig(method=method, **base).document_max_length is None
+    # The resolved value is what the run saves, and what its encoder gets as the document prompt's length.
+    saved = TrainConfig(tasks=TASKS, **base).to_dict()
+    assert saved["document_max_length"] == 512 and saved["max_length"] == 128
+
+
+def test_default_document_max_length_reaches_the_encoder(tmp_path, backbones):
+    from spt_embed.training.train import build_model
+
+    cfg = train_config(tmp_path, backbones["llama"], tasks=TASKS)
+    module = build_model(cfg).prompt_module
+    assert module.spt_config.task_max_length == {"document": 512}
+    assert module.spt_config.max_length == cfg.max_length
+
+
+def test_an_adapter_saved_before_the_default_keeps_its_document_length(tmp_path, backbones):
+    """An adapter reads its own spt_config.json: one trained with tasks and no document_max_length (documents cut at
+    max_length) loads and encodes documents exactly as before, whatever its train_config.json says."""
+    model = make(backbones["llama"], max_length=24)
+    folder = tmp_path / "old"
+    spt_embed.save(model, folder)
+    (folder / "train_config.json").write_text(json.dumps({"tasks": TASKS, "document_max_length": None}))
+    loaded = spt_embed.load(folder)
+    assert loaded.prompt_module.spt_config.task_max_length == {}
+    long_text = [" ".join(["dog"] * 200)]
+    assert loaded.prompt_module.preprocess(long_text, task="document")["input_ids"].shape[1] <= 24
+    assert torch.allclose(loaded.encode_document(long_text, convert_to_tensor=True),
+                          model.encode_document(long_text, convert_to_tensor=True), atol=1e-6)
+
+
 def test_retrieval_dev_rows_are_held_out_and_can_select(tmp_path, backbones, data_root):
     from spt_embed.training.train import load_datasets, split_retrieval_dev
 

@@ -70,7 +70,7 @@ def peak_rss_mb() -> float | None:
 
 class Budget(TrainerCallback):
     """Stops training once the time spent inside optimiser steps reaches `minutes`; also notes the trained
-    parameters (counted when training starts, before LoRA is merged) and the process's peak memory."""
+    parameters (counted when training starts) and the process's peak memory."""
 
     def __init__(self, minutes: float, seconds_before: float = 0.0, stop_at_step: int | None = None):
         self.limit = minutes * 60

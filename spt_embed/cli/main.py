@@ -12,7 +12,12 @@ import sys
 
 from spt_embed.cli.eval_commands import add_eval_parser
 from spt_embed.cli.index_commands import add_index_parsers
-from spt_embed.cli.model_commands import add_encode_parser, add_export_parser, add_info_parser
+from spt_embed.cli.model_commands import (
+    add_encode_parser,
+    add_export_parser,
+    add_info_parser,
+    add_merge_lora_parser,
+)
 from spt_embed.cli.train_commands import add_mntp_parser, add_train_parser
 
 # In the order `spt-embed --help` lists the commands.
@@ -22,6 +27,7 @@ _COMMANDS = (
     add_train_parser,
     add_mntp_parser,
     add_export_parser,
+    add_merge_lora_parser,
     add_eval_parser,
     add_index_parsers,
 )

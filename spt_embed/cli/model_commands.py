@@ -1,4 +1,4 @@
-"""`spt-embed encode`, `info` and `export`: argument parsers and thin run functions over one encoder."""
+"""`spt-embed encode`, `info`, `export` and `merge-lora`: argument parsers and thin run functions over one encoder."""
 
 from __future__ import annotations
 
@@ -70,6 +70,20 @@ def add_export_parser(subparsers) -> None:
         "on (default: 300 STS-B train sentences)",
     )
     exp.set_defaults(func=run_export)
+
+
+def add_merge_lora_parser(subparsers) -> None:
+    merge = subparsers.add_parser(
+        "merge-lora",
+        help="write a LoRA baseline (train --method lora) with its LoRA merged into a full copy of the backbone",
+        description="Fold the LoRA adapter of a folder that `spt-embed train --method lora` wrote (or one of its "
+        "checkpoints) into the backbone's weights and save the result as a new folder with a full copy of the "
+        "backbone (backbone/): it loads without peft and encodes as a plain decoder. The adapter folder stays as "
+        "it is; `encode`, `eval` and `index` merge in memory by themselves, so they need no merged copy.",
+    )
+    merge.add_argument("model", help="the LoRA run's folder (or one of its checkpoints)")
+    merge.add_argument("output", help="output folder: new or empty, outside the LoRA folder")
+    merge.set_defaults(func=run_merge_lora)
 
 
 def run_encode(args: argparse.Namespace) -> None:
@@ -145,13 +159,18 @@ def _baseline_rows(model) -> list[tuple[str, str]]:
     module = model[0]
     ref = module.backbone_ref
     kind = module.peft_kind
+    total = sum(p.numel() for p in module.parameters())  # the backbone's, and an adapter's
+    lora, share_of = None, total
     if kind is not None:
         method, trained = kind, module.adapter_parameters()
+        lora = module.lora_summary() if kind == "lora" else None
     elif module.trained_from is not None:
-        method, trained = "lora (merged into the backbone's weights)", None
+        method, lora = "lora (merged into the backbone's weights)", module.merged_lora
+        # What was merged, as merge_lora recorded it; folders merged before it was recorded: not countable.
+        trained = lora.get("parameters") if lora and isinstance(lora.get("parameters"), int) else None
+        share_of = total + (trained or 0)  # the share as before the merge: of the backbone and the LoRA
     else:
         method, trained = f"zero-shot {module.baseline.value}", 0
-    total = sum(p.numel() for p in module.parameters())
     rows = [
         ("backbone", ref.source),
         ("model type", ref.model_type),
@@ -165,10 +184,15 @@ def _baseline_rows(model) -> list[tuple[str, str]]:
     ]
     if kind == "prefix":
         rows.append(("prefix tokens", f"{module.backbone.active_peft_config.num_virtual_tokens} at every layer"))
+    if lora:
+        targets = lora.get("targets")
+        on = ", ".join(map(str, targets)) if isinstance(targets, list) else str(targets)
+        merged = " (merged)" if kind is None else ""
+        rows.append(("LoRA", f"r={lora.get('r')}, alpha={lora.get('alpha')} on {on}{merged}"))
     if trained is None:
         rows.append(("trained parameters", "merged: the attention projections changed (not countable apart)"))
     else:
-        rows += [("trained parameters", f"{trained:,}"), ("trained share", f"{100 * trained / total:.4f} %")]
+        rows += [("trained parameters", f"{trained:,}"), ("trained share", f"{100 * trained / share_of:.4f} %")]
     rows.append(("total parameters", f"{total:,}"))
     return rows
 
@@ -197,3 +221,10 @@ def run_export(args: argparse.Namespace) -> None:
         raise ValueError(str(exc)) from exc
     backend = "" if args.backend == "torch" else f", backend={args.backend!r}"
     print(f"exported {args.model} to {out}: load it with SentenceTransformer({str(out)!r}{backend})")
+
+
+def run_merge_lora(args: argparse.Namespace) -> None:
+    from spt_embed.model.baselines import merge_lora_folder
+
+    out = merge_lora_folder(args.model, args.output)
+    print(f"merged the LoRA of {args.model} into {out / 'backbone'}: load it with spt_embed.load({str(out)!r})")

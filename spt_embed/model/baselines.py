@@ -6,8 +6,11 @@ its last hidden layer. PromptEOL (Jiang et al. 2023) wraps the text as ``This se
 word:"`` and takes the last token, the position that would predict the one-word summary.
 
 A saved baseline folder holds ``baseline_config.json`` and, depending on the weights: nothing else (zero-shot: the
-backbone is named and fingerprinted), ``lora/`` (a peft adapter on the named backbone, as in training
-checkpoints), or ``backbone/`` (a fine-tuned decoder, e.g. after `merge_lora`).
+backbone is named and fingerprinted), ``lora/`` or ``prefix/`` (a peft adapter on the named backbone: what
+`spt-embed train --method lora|prefix` writes, checkpoints and final folder alike), or ``backbone/`` (a fine-tuned
+decoder: LoRA merged into the weights by `merge_lora`, e.g. through `merge_lora_folder` / `spt-embed merge-lora`;
+the LoRA baseline's final folder was written this way before LoRA runs were saved adapter-only, and such folders
+load as they always did).
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ def parse_baseline(value: Baseline | str) -> Baseline:
 class BaselineModule(BackboneModule):
     """Backbone + a text template + mean or last-token pooling; left padding with real-token positions.
 
-    The backbone is frozen unless LoRA is attached (`add_lora`); `merge_lora` folds it into the weights."""
+    The backbone is frozen unless LoRA is attached (`add_lora`); `merge_lora` folds it into the weights (a plain
+    decoder again, faster to run; `merged_lora` then records what was merged)."""
 
     folder_kind = "Baseline"
     mismatch_hint = "the backbone's weights changed. Restore that backbone or retrain"
@@ -88,11 +92,15 @@ class BaselineModule(BackboneModule):
         *,
         max_length: int = 512,
         trained_from: BackboneRef | None = None,
+        merged_lora: dict[str, Any] | None = None,
     ):
         super().__init__(backbone)
         self.baseline = parse_baseline(baseline)
         # The backbone this one was fine-tuned from; None while the weights are the source's own.
         self.trained_from = trained_from
+        # The LoRA merged into this backbone's weights (`lora_summary()`: r, alpha, targets, parameters), when
+        # `merge_lora` made it; None otherwise, and for merged folders written before it was recorded.
+        self.merged_lora = merged_lora
         self.max_seq_length = max_length
         prefix, suffix = self.baseline.template.split("{text}", 1)
         self._prefix, self._suffix = prefix, suffix
@@ -151,12 +159,26 @@ class BaselineModule(BackboneModule):
         names = ("lora_",) if self.peft_kind == "lora" else ("prompt_encoder",)
         return sum(p.numel() for n, p in self.backbone.named_parameters() if any(k in n for k in names))
 
+    def lora_summary(self) -> dict[str, Any]:
+        """The attached LoRA's shape and size: {"r", "alpha", "targets", "parameters"} (what `info` shows)."""
+        if not self.has_lora:
+            raise ValueError("This baseline carries no LoRA adapter.")
+        config = self.backbone.active_peft_config
+        targets = config.target_modules  # a set of module names, or peft's regular expression (a string)
+        return {
+            "r": config.r,
+            "alpha": config.lora_alpha,
+            "targets": targets if isinstance(targets, str) else sorted(targets),
+            "parameters": self.adapter_parameters(),
+        }
+
     def add_lora(self, lora_config) -> None:
         """Wrap the backbone in peft LoRA layers (a `peft.LoraConfig`); only they train, the base stays frozen."""
         from spt_embed.model.backbone import attach_lora
 
         self._check_no_adapter()
-        self.backbone = attach_lora(self.backbone, lora_config)
+        with quiet_peft():
+            self.backbone = attach_lora(self.backbone, lora_config)
 
     def _check_no_adapter(self) -> None:
         if self.peft_kind is not None:
@@ -195,11 +217,13 @@ class BaselineModule(BackboneModule):
         return torch.cat(rows, dim=1).float()
 
     def merge_lora(self) -> None:
-        """Fold LoRA into the backbone weights: a plain decoder again, saved in full (backbone/) from now on."""
+        """Fold LoRA into the backbone weights: a plain decoder again (no peft layers: faster to run), saved in full
+        (backbone/) from now on. Embeddings change only by float rounding (fp32: under 1e-6)."""
         if self.peft_kind == "prefix":
             raise ValueError("A prefix adapter cannot be merged into the backbone's weights; save it as it is.")
         if not self.has_lora:
             raise ValueError("This baseline carries no LoRA to merge; attach and train one with add_lora first.")
+        self.merged_lora = self.lora_summary()
         self.backbone = freeze(self.backbone.merge_and_unload())
         self.trained_from = self.trained_from or self.backbone_ref
 
@@ -220,6 +244,7 @@ class BaselineModule(BackboneModule):
             "max_length": self.max_seq_length,
             "backbone": dataclasses.asdict(ref),
             "trained_from": dataclasses.asdict(self.trained_from) if self.trained_from else None,
+            **({"merged_lora": self.merged_lora} if self.merged_lora else {}),
             "spt_embed_version": __version__,
         }
         write_json(out / BASELINE_CONFIG_NAME, payload)
@@ -238,10 +263,19 @@ class BaselineModule(BackboneModule):
             saved = json.loads(config_path.read_text(encoding="utf-8"))
             ref = BackboneRef(**saved["backbone"])
             trained_from = BackboneRef(**saved["trained_from"]) if saved.get("trained_from") else None
+            merged_lora = saved.get("merged_lora")
+            if merged_lora is not None and not isinstance(merged_lora, dict):
+                raise TypeError(f"merged_lora is {type(merged_lora).__name__}, expected an object")
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{config_path} is corrupted ({exc!r}).") from None
         backbone = cls.load_saved_backbone(folder, ref, model_kwargs or {})
-        module = cls(backbone, saved["baseline"], max_length=saved["max_length"], trained_from=trained_from)
+        module = cls(
+            backbone,
+            saved["baseline"],
+            max_length=saved["max_length"],
+            trained_from=trained_from,
+            merged_lora=merged_lora,
+        )
         adapters = [kind for kind, sub in PEFT_SUBDIRS.items() if (folder / sub).is_dir()]
         if len(adapters) > 1:
             raise ValueError(f"{folder} holds both lora/ and prefix/; a baseline carries one adapter. Remove one.")
@@ -291,7 +325,8 @@ def lora_baseline_encoder(
     device: str | None = None,
 ) -> SentenceTransformer:
     """The PromptEOL baseline with fresh LoRA layers on its backbone, ready for contrastive training (the LLM2Vec /
-    PromptEOL way); after training call `model[0].merge_lora()` and `model.save(path)`."""
+    PromptEOL way). After training `model.save(path)` writes the adapter only (lora/, the backbone named and
+    fingerprinted); `model[0].merge_lora()` first writes the merged backbone instead (backbone/, a full copy)."""
     from peft import LoraConfig
 
     model = baseline_encoder(backbone, baseline, max_length=max_length, device=device)
@@ -321,3 +356,53 @@ def prefix_baseline_encoder(
         torch.manual_seed(seed)  # peft's random init, when no init_text is given
         model[0].add_prefix(num_tokens, init_text=init_text)
     return model
+
+
+def merge_lora_for_inference(model: SentenceTransformer) -> SentenceTransformer:
+    """Fold a LoRA baseline's adapter into its backbone in memory (nothing is written): the encoder then runs as a
+    plain decoder, without the LoRA layers' extra matrix products and kernels on every projection. Any other model
+    is returned as it is. Embeddings change only by float rounding (fp32: under 1e-6)."""
+    module = model[0] if len(model) else None
+    if isinstance(module, BaselineModule) and module.has_lora:
+        module.merge_lora()
+    return model
+
+
+def merge_lora_folder(model: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Write a LoRA baseline folder (a run of `spt-embed train --method lora`, or one of its checkpoints) again with
+    the LoRA merged into the backbone: ``backbone/`` (a full copy of the decoder, fp32) instead of ``lora/``, which
+    loads without peft and can go where a plain decoder goes. `output` must be new or empty, and neither the folder
+    itself nor inside or around it. Returns `output`."""
+    from spt_embed.atomic import atomic_folder
+    from spt_embed.model.encoder import is_baseline_folder, load
+
+    source = Path(model).expanduser()
+    out = Path(output).expanduser()
+    if not is_baseline_folder(source):
+        raise ValueError(
+            f"{source} is not a LoRA baseline folder (no {BASELINE_CONFIG_NAME} beside modules.json); merge a folder "
+            f"that `spt-embed train --method lora` wrote (nothing was written)."
+        )
+    here, there = source.resolve(), out.resolve()
+    if there == here or here in there.parents or there in here.parents:
+        relation = "is" if there == here else "is inside" if here in there.parents else "contains"
+        raise ValueError(
+            f"The output folder {out} {relation} the LoRA folder {source}; choose an output folder outside it "
+            f"(nothing was written)."
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder; choose a new one (nothing was written).")
+    encoder = load(source)
+    module = encoder[0]
+    if not module.has_lora:
+        if module.peft_kind == "prefix":
+            reason = "it holds a prefix adapter, which has no place in the backbone's weights"
+        elif module.trained_from is not None:
+            reason = "its backbone/ is merged already"
+        else:
+            reason = "it holds no LoRA adapter (a zero-shot baseline)"
+        raise ValueError(f"{source} cannot be merged: {reason} (nothing was written).")
+    module.merge_lora()
+    if out.is_dir():
+        out.rmdir()  # empty: atomic_folder builds the folder beside it and renames it into place
+    return atomic_folder(out, lambda folder: encoder.save(str(folder)), overwrite=False, marker=BASELINE_CONFIG_NAME)

@@ -123,7 +123,8 @@ def load(
 ) -> SuffixPromptEncoder:
     """Load a saved adapter (or a bundled one by name) as a SentenceTransformer; no code from the folder runs.
     A folder trained with method=prefix or lora (a baseline with its peft adapter) loads too, as a plain
-    SentenceTransformer whose first module is a BaselineModule.
+    SentenceTransformer whose first module is a BaselineModule; a LoRA adapter stays a peft adapter, as trained
+    and saved (`model[0].merge_lora()` folds it into the weights for faster encoding, as `open_encoder` does).
 
     `backbone` overrides where the frozen backbone is loaded from (the fingerprint is still checked unless
     `allow_backbone_mismatch`). Only the module classes spt-embed knows are built (model/loading.py);
@@ -182,9 +183,14 @@ def open_encoder(
     dtype: str | torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     backend: str = "torch",
+    merge_lora: bool = True,
 ) -> SentenceTransformer:
     """Any encoder a command accepts: a spt-embed adapter (folder or bundled name), a SentenceTransformer folder
     or a reference encoder, with its weights in `dtype`. No code from the folder runs unless `trust_remote_code`.
+
+    For encoding only: a LoRA baseline's adapter is merged into its backbone in memory (`merge_lora`; fp32, before
+    the cast to `dtype`; nothing is written), so that it runs as a plain decoder, as fast as a merged folder and
+    with the same embeddings. `spt_embed.load` keeps the adapter as it was saved.
 
     `backend` "onnx" or "openvino": the model file that `spt-embed export --backend ...` wrote into an exported
     folder, run by sentence-transformers' own backend on the CPU (spt_embed.model.export.open_exported)."""
@@ -201,4 +207,8 @@ def open_encoder(
         return load(folder, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     # A SentenceTransformer folder: a plain or exported one, a reference encoder, a saved LoRA baseline.
     model = load_folder(folder, SentenceTransformer, device=device, trust_remote_code=trust_remote_code)
+    if merge_lora:
+        from spt_embed.model.baselines import merge_lora_for_inference
+
+        model = merge_lora_for_inference(model)
     return model if dtype == torch.float32 else model.to(dtype)

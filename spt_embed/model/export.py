@@ -4,7 +4,9 @@ The K soft tokens become K added special tokens whose input-embedding rows hold 
 tokenizer's post-processor appends them to every text (after truncation, which leaves room for them); pooling is
 sentence-transformers' own last-token pooling. That covers the `last` readout only: the `soft-mean` and `layer-mix`
 readouts need the adapter's own module (`spt_embed.load`). An encoder's text template (its default prompt) goes
-into the export's sentence-transformers prompts.
+into the export's sentence-transformers prompts. Of the training methods (`spt-embed train --method`) only suffix
+exports: deep-suffix, prompt, prefix and lora, like task prompts, a text tail and the other readouts, are refused
+before anything is written, with the method named and what to use instead.
 
 Every export holds `spt_export.json` (the spt-embed version, the adapter exported, the soft tokens' names): the
 mark by which `overwrite=True` recognises a folder it may replace. Any other non-empty folder, and any output that
@@ -254,13 +256,7 @@ def export(
     _check_output(source, out, overwrite=overwrite)
     model = adapter if isinstance(adapter, SentenceTransformer) else load(adapter)
     module = model[0]
-    kind = getattr(module, "peft_kind", None)
-    if kind == "prefix":
-        raise ValueError(
-            "Method 'prefix' cannot be exported as a plain SentenceTransformer: its trained keys/values at every "
-            "layer have no place in a plain decoder. Use the folder itself: spt_embed.load(...) (or "
-            "SentenceTransformer(folder, trust_remote_code=True)) gives the same encoder (nothing was written)."
-        )
+    _refuse_baseline(module)
     if not isinstance(module, SuffixPromptModule):
         raise TypeError(
             f"Expected a suffix-prompt encoder, got first module {type(module).__name__}: export writes a suffix "
@@ -288,7 +284,13 @@ def export(
             "not kept.", module.max_seq_length, module.spt_config.task_max_length
         )
     if module.spt_config.placement is not Placement.SUFFIX:
-        raise ValueError("Only suffix placement can be exported as a plain SentenceTransformer (prefix cannot pool last).")
+        # What `spt-embed train --method prompt` trains (and --method suffix --placement prefix).
+        raise ValueError(
+            f"Method 'prompt' (soft tokens before the text: placement={module.spt_config.placement.value!r}) cannot "
+            f"be exported as a plain SentenceTransformer: export writes the soft tokens as vocabulary rows after "
+            f"every text, the only placement it converts. Use the adapter itself: spt_embed.load(...) (or "
+            f"SentenceTransformer(adapter, trust_remote_code=True)) gives the same encoder (nothing was written)."
+        )
     if module.spt_config.tail:
         raise ValueError(
             f"The text tail {module.spt_config.tail!r} cannot be exported as a plain SentenceTransformer: its "
@@ -319,6 +321,50 @@ def export(
         adapter, out, module.num_tokens, backend.value, f", {quantize}" if quantize else "",
     )
     return out
+
+
+def _refuse_baseline(module) -> None:
+    """The refusal, naming the method and what to use instead, of a baseline module (what `spt-embed train
+    --method prefix` and `--method lora` save, and the zero-shot baselines): export converts soft tokens only."""
+    from spt_embed.model.baselines import Baseline, BaselineModule
+
+    if not isinstance(module, BaselineModule):
+        return
+    kind = module.peft_kind
+    use = (
+        "Use the folder itself: spt_embed.load(...) (or SentenceTransformer(folder, trust_remote_code=True)) gives "
+        "the same encoder"
+    )
+    if kind == "prefix":
+        raise ValueError(
+            f"Method 'prefix' cannot be exported as a plain SentenceTransformer: its trained keys/values at every "
+            f"layer have no place in a plain decoder. {use} (nothing was written)."
+        )
+    if kind == "lora" or module.trained_from is not None:  # LoRA on the backbone, as trained or merged into it
+        reading = (
+            f"reads each text inside its PromptEOL template {module.baseline.template!r} at the template's last "
+            f"token, and a plain SentenceTransformer's prompts only put text before a text"
+            if module.baseline is Baseline.PROMPTEOL
+            else "is a fine-tuned backbone, not soft tokens"
+        )
+        merged = (
+            "; its backbone/ subfolder already is the merged decoder as a plain transformers model (with its "
+            "tokenizer: transformers.AutoModel.from_pretrained(folder/'backbone')), for use under that template "
+            "with last-token pooling"
+            if kind is None
+            else "; for the decoder with the LoRA merged into its weights as a plain transformers model, run "
+            "`spt-embed merge-lora FOLDER OUT`: OUT/backbone/ is that decoder, with its tokenizer"
+        )
+        raise ValueError(
+            f"Method 'lora' cannot be exported as a plain SentenceTransformer: export writes a suffix adapter's "
+            f"soft tokens as vocabulary rows, and the LoRA baseline has none: it {reading}. {use}{merged} (nothing "
+            f"was written)."
+        )
+    raise ValueError(
+        f"The zero-shot {module.baseline.value!r} baseline of {module.backbone_ref.source!r} cannot be exported: "
+        f"it has no trained soft tokens, which are what export writes. {use}; or use the backbone itself "
+        f"(nothing was written)."
+    )
 
 
 def _calibration_texts(texts: Sequence[str] | None) -> list[str]:

@@ -3,7 +3,8 @@
 Our code only builds the encoder (frozen backbone + soft tokens; the module picks the causal fast path by itself),
 the data and the loss; the loop, schedule, checkpoints and multi-process training are the trainer's. With
 ``method=lora`` the same machinery trains the LoRA baseline instead: the PromptEOL encoder of the same backbone
-with LoRA on its projections, merged and saved as a SentenceTransformer folder at the end.
+with LoRA on its projections, saved at the end as its peft adapter on the named backbone (lora/, as prefix tuning
+saves prefix/; `spt-embed merge-lora` writes a merged copy).
 
 A run writes nothing before its inputs are checked (options, data, backbone, the folder, a resume's settings),
 writes only into a new or empty folder or one of its own earlier runs (see `spt_embed.recipe.prepare_run_folder`),
@@ -369,7 +370,8 @@ def train(
     **options: Any,
 ):
     """Train a suffix prompt (or the LoRA baseline with method='lora'); returns the trained SentenceTransformer
-    (best dev checkpoint when evaluating; for lora with LoRA merged), also saved to `output`.
+    (best dev checkpoint when evaluating), also saved to `output`: the adapter only for every method (lora: its
+    unmerged peft adapter, lora/; `spt_embed.model.baselines.merge_lora_folder` writes a merged copy).
 
     `spt_embed.train(output="out/enc", data=["snli-triplets"], max_steps=300)` takes the same options as the CLI.
     `output` must be new or empty, or hold an earlier training run: `resume` continues it from its newest complete
@@ -442,8 +444,6 @@ def train(
             f"{config.batch_size} rows whose texts all differ. Nothing was saved as the adapter; add rows with other "
             f"texts, or lower --batch-size."
         )
-    if config.method is Method.LORA:
-        model[0].merge_lora()  # a plain decoder again: the saved folder needs no peft
     if is_main_process():
         _save_encoder(model, output)
         if (output / LOG_NAME).is_file():
@@ -451,7 +451,7 @@ def train(
         best = trainer.state.best_metric
         logger.info(
             "Saved the %s to %s%s",
-            "LoRA baseline (merged)" if config.method is Method.LORA else "adapter",
+            "LoRA baseline's adapter" if config.method is Method.LORA else "adapter",
             output,
             (f" (best {'STS-B dev Spearman' if not retrieval_dev else 'selection score, ' + config.select_on.value}"
              f" {best:.4f})") if best is not None else "",
@@ -462,13 +462,21 @@ def train(
 def _save_encoder(model, output: Path) -> None:
     """Save the trained encoder into the run's folder beside its checkpoints and logs: staged first, so that a
     failed save leaves no half-written encoder, and given the umask's permissions (safetensors' writer makes its
-    files 0600)."""
+    files 0600). A LoRA run resumed from a folder that an earlier spt-embed saved merged loses that stale merged
+    copy (backbone/) once its adapter (lora/) is in place."""
+    from spt_embed.model.baselines import BACKBONE_SUBDIR, LORA_SUBDIR
+
     staging = staging_folder(output, STAGING)
     try:
         model.save(str(staging))
-        publish_entries(staging, output)
+        published = publish_entries(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    stale = output / BACKBONE_SUBDIR
+    if LORA_SUBDIR in published and BACKBONE_SUBDIR not in published and stale.is_dir() and not stale.is_symlink():
+        source = Path(model[0].backbone_ref.source).expanduser()
+        if not (source.is_dir() and source.resolve() == stale.resolve()):  # never the backbone the run trained on
+            shutil.rmtree(stale)
 
 
 def _cuda() -> bool:

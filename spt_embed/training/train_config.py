@@ -11,6 +11,8 @@ from spt_embed.recipe import RecipeConfig, Scheduler
 
 TRAIN_CONFIG_NAME = "train_config.json"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+DOCUMENT_TASK = "document"  # the task prompt of retrieval documents (sentence-transformers' encode_document)
+DOCUMENT_MAX_LENGTH = 512  # document_max_length when unset and `tasks` holds DOCUMENT_TASK (see TrainConfig)
 
 
 class GradedLoss(str, enum.Enum):
@@ -33,7 +35,7 @@ class Method(str, enum.Enum):
     DEEP_SUFFIX = "deep-suffix"  # the K soft tokens plus a trained offset to their states after every layer
     PROMPT = "prompt"  # Lester-style prompt tuning: the K soft tokens before the text (placement=prefix), full pass
     PREFIX = "prefix"  # prefix tuning (peft): K trained keys/values at every layer before the PromptEOL template
-    LORA = "lora"  # the LoRA baseline: PromptEOL template, last token, LoRA on the backbone, merged at the end
+    LORA = "lora"  # the LoRA baseline: PromptEOL template, last token, LoRA on the backbone, saved as its peft adapter
     SPT = "suffix"  # the name spt-embed 0.1 used (an alias: the same member as SUFFIX)
 
     @classmethod
@@ -57,7 +59,7 @@ class TrainConfig(RecipeConfig):
             "prompt: the K soft tokens before the text (Lester-style; placement=prefix, full pass, read at the "
             "text's last token). prefix: prefix tuning (Li & Liang; peft), K trained keys/values at every "
             "layer in front of the PromptEOL template, read at its last token (full pass). lora: the baseline, LoRA on the backbone under the PromptEOL template (last "
-            "token), merged into a SentenceTransformer folder at the end."
+            "token), saved as its peft adapter (lora/); `spt-embed merge-lora` writes a merged copy."
         },
     )
     output: str = field(default="", metadata={"help": "Output folder: adapter, logs, plot, checkpoints/."})
@@ -117,7 +119,9 @@ class TrainConfig(RecipeConfig):
         default=None,
         metadata={
             "help": "Max tokens (incl. soft tokens) of a document: the passages of retrieval sources in training, "
-            "encode_document after it (`spt-embed index`, mteb retrieval). Unset: max_length."
+            "encode_document after it (`spt-embed index`, mteb retrieval); queries and every other text keep "
+            "max_length. Unset (None): 512 when --tasks includes document and max_length is below 512, else "
+            "max_length; an explicit value always wins. Read by suffix and deep-suffix only."
         },
     )
     retrieval_data: list[str] = field(
@@ -215,6 +219,24 @@ class TrainConfig(RecipeConfig):
             factors[source] = int(count)
         return factors
 
+    def resolved_document_max_length(self) -> int | None:
+        """document_max_length as given; when unset, DOCUMENT_MAX_LENGTH (512) for a run with a `document` task
+        prompt whose max_length is below that (a suffix or deep-suffix run, the methods with task prompts and the
+        only ones reading this field, with fewer than 512 soft tokens), so that retrieval documents are not cut at
+        the queries' length; None (= max_length) otherwise. Resolved once, in __post_init__, so the run's saved
+        train_config.json records the length it trained documents at; an adapter reads its own spt_config.json
+        (task_max_length), never this, so adapters saved before the default keep theirs."""
+        if self.document_max_length is not None:
+            return self.document_max_length
+        if (
+            DOCUMENT_TASK in self.tasks
+            and self.method in (Method.SUFFIX, Method.DEEP_SUFFIX)
+            and self.num_tokens < DOCUMENT_MAX_LENGTH
+            and self.max_length < DOCUMENT_MAX_LENGTH
+        ):
+            return DOCUMENT_MAX_LENGTH
+        return None
+
     def __post_init__(self) -> None:
         self.check_types()  # also: one string for a list field becomes a list, enum values become members
         positive = {"num_tokens", "batch_size", "max_steps", "max_length", "logging_steps", "mini_batch_size", "lora_r"}
@@ -253,6 +275,7 @@ class TrainConfig(RecipeConfig):
                 f"tasks={self.tasks!r}: task soft prompts exist for method suffix and deep-suffix only, not "
                 f"{self.method.value!r}."
             )
+        self.document_max_length = self.resolved_document_max_length()
         if self.document_max_length is not None and self.method not in (Method.SUFFIX, Method.DEEP_SUFFIX):
             raise ValueError(
                 f"document_max_length is read by method suffix and deep-suffix only; method {self.method.value!r} "
