@@ -10,7 +10,9 @@ from sentence_transformers import SentenceTransformer
 
 import spt_embed
 from spt_embed.cli.main import main
-from spt_embed.model.baselines import BACKBONE_SUBDIR, LORA_SUBDIR, baseline_encoder, lora_baseline_encoder
+from spt_embed.model.base import BACKBONE_SUBDIR
+from spt_embed.model.baselines import baseline_encoder
+from spt_embed.model.lora import LORA_SUBDIR, lora_baseline_encoder
 from tests.conftest import SENTENCES
 
 ALTERNATIVE = r"spt_embed\.load\(\.\.\.\) \(or SentenceTransformer\((adapter|folder), trust_remote_code=True\)\)"
@@ -96,7 +98,7 @@ def test_export_refuses_a_zero_shot_baseline(backbones, tmp_path):
 
 def test_export_refuses_the_prefix_method(backbones, tmp_path, capsys):
     """What `spt-embed train --method prefix` saves (prefix/ beside the named backbone), untrained here."""
-    from spt_embed.model.baselines import prefix_baseline_encoder
+    from spt_embed.model.prefix import prefix_baseline_encoder
 
     folder = tmp_path / "prefix"
     prefix_baseline_encoder(backbones["llama"], num_tokens=3, init_text="hello world", device="cpu").save(str(folder))

@@ -16,17 +16,11 @@ from transformers import TrainerCallback
 import spt_embed
 from spt_embed.cli.main import main
 from spt_embed.evaluation.evaluate import load_model, resolve_model
-from spt_embed.model.baselines import (
-    BACKBONE_SUBDIR,
-    BASELINE_CONFIG_NAME,
-    LORA_SUBDIR,
-    LORA_WEIGHTS,
-    baseline_encoder,
-    lora_baseline_encoder,
-    merge_lora_folder,
-    prefix_baseline_encoder,
-)
+from spt_embed.model.base import BACKBONE_SUBDIR
+from spt_embed.model.baselines import BASELINE_CONFIG_NAME, baseline_encoder
 from spt_embed.model.encoder import open_encoder
+from spt_embed.model.lora import LORA_SUBDIR, LORA_WEIGHTS, lora_baseline_encoder, merge_lora_folder
+from spt_embed.model.prefix import prefix_baseline_encoder
 from spt_embed.recipe import latest_checkpoint
 from spt_embed.training.train import checkpoint_weights
 from spt_embed.training.train_config import Method
@@ -102,6 +96,7 @@ def test_lora_trains_only_lora_and_saves_the_adapter_only(tmp_path, backbones, c
     for name in ("modules.json", BASELINE_CONFIG_NAME, "train_config.json", "train_log.jsonl", "training.png"):
         assert (out / name).is_file(), name
     assert json.loads((out / "train_config.json").read_text())["method"] == "lora"
+    assert json.loads((out / "modules.json").read_text())[0]["type"] == "spt_embed.model.baselines.BaselineModule"
     assert not (out / BACKBONE_SUBDIR).exists()
     assert (out / LORA_SUBDIR / "adapter_config.json").is_file()
     trained = lora_size(before[0].backbone, r=4)
@@ -261,6 +256,18 @@ def test_zero_shot_baseline_saves_a_reference_and_reloads(tmp_path, backbones, b
     reloaded = load_model(resolve_model(tmp_path / "b"), device="cpu")
     expected = model.encode(SENTENCES, convert_to_tensor=True)
     assert torch.equal(expected, reloaded.encode(SENTENCES, convert_to_tensor=True))
+
+
+def test_the_methods_names_stay_importable_from_baselines():
+    """lora.py's and prefix.py's public names, as train/bench_step.py and older code import them."""
+    from spt_embed.model import baselines, lora, prefix
+
+    for module, names in [
+        (lora, ("LORA_WEIGHTS", "lora_baseline_encoder", "merge_lora_for_inference", "merge_lora_folder")),
+        (prefix, ("PREFIX_WEIGHTS", "prefix_baseline_encoder")),
+    ]:
+        for name in names:
+            assert getattr(baselines, name) is getattr(module, name), name
 
 
 def test_cli_train_lora_then_eval(tmp_path, backbones, capsys, monkeypatch):

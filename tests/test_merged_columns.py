@@ -11,7 +11,7 @@ from sentence_transformers.base.losses.merged_forward import column_merging_disa
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
 from spt_embed import ForwardPath, SuffixPromptEncoder
-from spt_embed.model.baselines import lora_baseline_encoder
+from spt_embed.model.lora import lora_baseline_encoder
 from spt_embed.model.soft_prompt import left_align
 
 ANCHORS = ["a man is playing a flute .", "hello", "the cat sleeps", "a dog runs"]

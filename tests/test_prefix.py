@@ -11,7 +11,8 @@ from sentence_transformers import SentenceTransformer
 
 import spt_embed
 from spt_embed.cli.main import main
-from spt_embed.model.baselines import PREFIX_SUBDIR, baseline_encoder, prefix_baseline_encoder
+from spt_embed.model.baselines import baseline_encoder
+from spt_embed.model.prefix import PREFIX_SUBDIR, prefix_baseline_encoder
 from spt_embed.recipe import latest_checkpoint
 from spt_embed.training.train import checkpoint_weights
 from spt_embed.training.train_config import Method
@@ -71,6 +72,7 @@ def test_prefix_trains_only_the_prefix_saves_and_reloads(tmp_path, backbones, ca
     assert (out / PREFIX_SUBDIR / "adapter_model.safetensors").is_file()  # adapter only: no backbone copy
     assert not (out / "backbone").exists()
     assert json.loads((out / "train_config.json").read_text())["method"] == "prefix"
+    assert json.loads((out / "modules.json").read_text())[0]["type"] == "spt_embed.model.baselines.BaselineModule"
     expected = encode(model)
     for reloaded in (spt_embed.load(out), SentenceTransformer(str(out), trust_remote_code=True, device="cpu")):
         assert reloaded[0].peft_kind == "prefix"

@@ -16,8 +16,8 @@ import spt_embed
 from spt_embed import SuffixPromptEncoder
 from spt_embed.cli.main import main
 from spt_embed.model import base
-from spt_embed.model.baselines import LORA_WEIGHTS, lora_baseline_encoder, merge_lora_for_inference
 from spt_embed.model.encoder import open_encoder
+from spt_embed.model.lora import LORA_WEIGHTS, lora_baseline_encoder, merge_lora_for_inference
 
 from .conftest import SENTENCES
 

@@ -224,7 +224,7 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_merge_lora(args: argparse.Namespace) -> None:
-    from spt_embed.model.baselines import merge_lora_folder
+    from spt_embed.model.lora import merge_lora_folder
 
     out = merge_lora_folder(args.model, args.output)
     print(f"merged the LoRA of {args.model} into {out / 'backbone'}: load it with spt_embed.load({str(out)!r})")

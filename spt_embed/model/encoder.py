@@ -208,7 +208,7 @@ def open_encoder(
     # A SentenceTransformer folder: a plain or exported one, a reference encoder, a saved LoRA baseline.
     model = load_folder(folder, SentenceTransformer, device=device, trust_remote_code=trust_remote_code)
     if merge_lora:
-        from spt_embed.model.baselines import merge_lora_for_inference
+        from spt_embed.model.lora import merge_lora_for_inference
 
         model = merge_lora_for_inference(model)
     return model if dtype == torch.float32 else model.to(dtype)

@@ -1,4 +1,5 @@
-"""The suffix prompt as a sentence-transformers input module: tokenise, splice the soft tokens in, run the frozen
+"""The suffix prompt as a sentence-transformers input module (method='suffix'; method='prompt' is the same module
+with the soft tokens before the text, placement='prefix'): tokenise, splice the soft tokens in, run the frozen
 backbone, read the embedding out (the readouts are in soft_prompt.py). The fast forward path for training lives in
 fast_path.py, what every backbone method shares in base.py."""
 

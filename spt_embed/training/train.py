@@ -58,8 +58,9 @@ UNUSED_BY = {
 
 def checkpoint_weights(method: Method) -> str:
     """The trained weights' file inside a checkpoint, relative to it."""
-    from spt_embed.model.baselines import LORA_WEIGHTS, PREFIX_WEIGHTS
     from spt_embed.model.config import WEIGHTS_NAME
+    from spt_embed.model.lora import LORA_WEIGHTS
+    from spt_embed.model.prefix import PREFIX_WEIGHTS
 
     return {Method.LORA: LORA_WEIGHTS, Method.PREFIX: PREFIX_WEIGHTS}.get(method, WEIGHTS_NAME)
 
@@ -289,8 +290,8 @@ def build_model(config: TrainConfig):
     PromptEOL with LoRA on it (lora)."""
     device = "cpu" if not _cuda() else None
     if config.method is Method.LORA:
-        from spt_embed.model.baselines import lora_baseline_encoder
         from spt_embed.model.config import Readout
+        from spt_embed.model.lora import lora_baseline_encoder
 
         ignored = [f"prompt={config.prompt!r}"] if config.prompt is not None else []
         ignored += [f"readout={config.readout.value!r}"] if config.readout is not Readout.LAST else []
@@ -310,8 +311,8 @@ def build_model(config: TrainConfig):
             device=device,
         )
     if config.method is Method.PREFIX:
-        from spt_embed.model.baselines import prefix_baseline_encoder
         from spt_embed.model.config import Init, SuffixPromptConfig
+        from spt_embed.model.prefix import prefix_baseline_encoder
 
         init_text = (config.init_text or SuffixPromptConfig.init_text) if config.init is Init.TEXT else None
         return prefix_baseline_encoder(
@@ -371,7 +372,7 @@ def train(
 ):
     """Train a suffix prompt (or the LoRA baseline with method='lora'); returns the trained SentenceTransformer
     (best dev checkpoint when evaluating), also saved to `output`: the adapter only for every method (lora: its
-    unmerged peft adapter, lora/; `spt_embed.model.baselines.merge_lora_folder` writes a merged copy).
+    unmerged peft adapter, lora/; `spt_embed.model.lora.merge_lora_folder` writes a merged copy).
 
     `spt_embed.train(output="out/enc", data=["snli-triplets"], max_steps=300)` takes the same options as the CLI.
     `output` must be new or empty, or hold an earlier training run: `resume` continues it from its newest complete
@@ -464,7 +465,8 @@ def _save_encoder(model, output: Path) -> None:
     failed save leaves no half-written encoder, and given the umask's permissions (safetensors' writer makes its
     files 0600). A LoRA run resumed from a folder that an earlier spt-embed saved merged loses that stale merged
     copy (backbone/) once its adapter (lora/) is in place."""
-    from spt_embed.model.baselines import BACKBONE_SUBDIR, LORA_SUBDIR
+    from spt_embed.model.base import BACKBONE_SUBDIR
+    from spt_embed.model.lora import LORA_SUBDIR
 
     staging = staging_folder(output, STAGING)
     try:
