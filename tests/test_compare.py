@@ -141,3 +141,28 @@ def test_every_shipped_comparison_spec_builds_valid_training_configs():
         for run in spec["runs"]:
             config = spt_embed.TrainConfig.from_sources(REPO / run["config"], output="unused", **run.get("overrides", {}))
             assert config.max_steps >= 1 and config.eval_pairs == 0, (path.name, run["name"])  # all 1,500 dev pairs
+
+
+def test_budget_counts_the_seconds_mining_took(tmp_path):
+    """--mine-negatives encodes a corpus before the first step: that time is part of the run's budget, once, read
+    from the train_config.json the run writes before training (so a resumed run counts it as well)."""
+    from types import SimpleNamespace
+
+    compare = load_compare()
+    run = tmp_path / "run"
+    run.mkdir()
+    assert compare.mining_seconds(run) == 0.0  # no train_config.json yet
+    (run / "train_config.json").write_text(json.dumps({"mined_negatives": {
+        "scifact-train": {"rows": 605, "seconds": 50.0, "reused": False},
+        "medquad-qa": {"rows": 100, "seconds": 25.5, "reused": True}}}))
+    assert compare.mining_seconds(run) == 75.5
+    control = SimpleNamespace(should_training_stop=False, should_evaluate=False, should_save=False)
+    budget = compare.Budget(1.0, seconds_before=10.0, run_dir=run)  # 60 s: mining and the earlier steps fill 85.5
+    budget.on_train_begin(None, None, control)
+    assert budget.mining_seconds == 75.5 and budget.seconds == 85.5
+    budget.on_step_begin(None, None, control)
+    budget.on_step_end(None, SimpleNamespace(global_step=1), control)
+    assert control.should_training_stop and budget.hit  # stopped after one step: the budget was already spent
+    quiet = compare.Budget(1.0, run_dir=tmp_path / "elsewhere")  # a run folder without mining: nothing added
+    quiet.on_train_begin(None, None, control)
+    assert quiet.seconds == 0.0

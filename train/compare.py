@@ -69,11 +69,15 @@ def peak_rss_mb() -> float | None:
 
 
 class Budget(TrainerCallback):
-    """Stops training once the time spent inside optimiser steps reaches `minutes`; also notes the trained
-    parameters (counted when training starts) and the process's peak memory."""
+    """Stops training once the time spent inside optimiser steps, plus the seconds that mining hard negatives took
+    before the first step (`--mine-negatives`, read from the run's train_config.json), reaches `minutes`; also notes
+    the trained parameters (counted when training starts) and the process's peak memory."""
 
-    def __init__(self, minutes: float, seconds_before: float = 0.0, stop_at_step: int | None = None):
+    def __init__(self, minutes: float, seconds_before: float = 0.0, stop_at_step: int | None = None,
+                 run_dir: Path | None = None):
         self.limit = minutes * 60
+        self.run_dir = run_dir
+        self.mining_seconds = 0.0
         self.stop_at_step = stop_at_step
         self.seconds = seconds_before
         self.hit = False
@@ -82,6 +86,9 @@ class Budget(TrainerCallback):
         self.peak_rss_mb: float | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # Mining runs once, before the first step; on a resume `seconds_before` (the log's steps) leaves it out too.
+        self.mining_seconds = mining_seconds(self.run_dir) if self.run_dir is not None else 0.0
+        self.seconds += self.mining_seconds
         if model is not None:
             self.trained_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -100,6 +107,15 @@ class Budget(TrainerCallback):
             control.should_evaluate = control.should_save = True  # the last point still counts for selection
 
 
+def mining_seconds(run_dir: Path) -> float:
+    """Seconds the run's hard-negative mining took (0 without --mine-negatives), from its train_config.json."""
+    path = run_dir / "train_config.json"
+    if not path.is_file():
+        return 0.0
+    mined = json.loads(path.read_text()).get("mined_negatives") or {}
+    return float(sum(item.get("seconds", 0.0) for item in mined.values()))
+
+
 def finished(run_dir: Path) -> bool:
     return (run_dir / "train_config.json").is_file() and (run_dir / "training.png").is_file()
 
@@ -109,13 +125,14 @@ def train_run(run: dict, spec: dict, out: Path) -> None:
     resume = has_checkpoints(out)
     records = read_log(out)
     done = training_minutes(records)[-1][1] * 60 if resume and records else 0.0
-    budget = Budget(spec["budget_minutes"], seconds_before=done, stop_at_step=run.get("stop_at_step"))
+    budget = Budget(spec["budget_minutes"], seconds_before=done, stop_at_step=run.get("stop_at_step"), run_dir=out)
     logger.info("%s: training (%s)", run["name"], "resuming" if resume else "from scratch")
     # A run killed before its first checkpoint left a folder of ours with nothing to resume: start it again.
     spt_embed.train(config, resume=resume, overwrite=out.exists() and not resume, callbacks=[budget])
     record = {"budget_minutes": spec["budget_minutes"], "stopped_by_budget": budget.hit,
               "stopped_at_step": run.get("stop_at_step") if budget.hit_step else None, **cpu_summary(),
-              "training_seconds": round(budget.seconds, 1), "trained_params": budget.trained_params,
+              "training_seconds": round(budget.seconds, 1),
+              "mining_seconds": round(budget.mining_seconds, 1), "trained_params": budget.trained_params,
               "peak_rss_mb": round(budget.peak_rss_mb) if budget.peak_rss_mb else None}
     (out / "budget.json").write_text(json.dumps(record) + "\n")
 

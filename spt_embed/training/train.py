@@ -29,6 +29,7 @@ from spt_embed.recipe import (
     start_run_folder,
     world_size,
 )
+from spt_embed.training.mining import MINED, check_minable, mine_negatives, save_mined
 from spt_embed.training.run_log import JsonlLogCallback, UmaskCheckpoints, plot_log
 from spt_embed.training.train_config import TRAIN_CONFIG_NAME, GradedLoss, Method, SelectOn, TrainConfig
 
@@ -356,7 +357,7 @@ def is_run_entry(name: str, saved: dict[str, Any]) -> bool:
 
     encoder = {"modules.json", "config_sentence_transformers.json", "README.md", CONFIG_NAME, WEIGHTS_NAME}
     encoder |= {BASELINE_CONFIG_NAME, BACKBONE_SUBDIR, *PEFT_SUBDIRS.values()}
-    run = {TRAIN_CONFIG_NAME, LOG_NAME, PLOT_NAME, CHECKPOINTS}
+    run = {TRAIN_CONFIG_NAME, LOG_NAME, PLOT_NAME, CHECKPOINTS, MINED}
     # "1_Normalize": a sentence-transformers module folder; ".adapter.tmp-*": a save cut short.
     return name in encoder | run or bool(re.fullmatch(r"\d+_\w+|\." + STAGING + r"\.tmp-.*", name))
 
@@ -402,12 +403,18 @@ def train(
     )
     checkpoint = run.checkpoint
     dataset, retrieval_dev = split_retrieval_dev(load_datasets(config), config)
-    dataset = oversample(dataset, config)
+    check_minable(dataset, config)  # before the encoder is loaded
     model = build_model(config)
+    # Mined negatives: with the encoder as it starts, over each named source's training rows only (after the dev
+    # rows are held out, before the source is repeated); a resume reuses those its run saved.
+    dataset, mined = mine_negatives(dataset, model, config, output, reuse=resume)
+    dataset = oversample(dataset, config)
     evaluating = config.eval_steps > 0
     evaluator = build_dev_evaluator(config, retrieval_dev) if evaluating else None
     if is_main_process():
-        start_run_folder(output, config, run, log=output / LOG_NAME)
+        summary = {"mined_negatives": {item.name: item.summary() for item in mined.values()}} if mined else {}
+        start_run_folder(output, config, run, log=output / LOG_NAME, **summary)
+        save_mined(output, mined)
     cuda = _cuda()
     args = SentenceTransformerTrainingArguments(
         **config.trainer_arguments(output),
