@@ -193,6 +193,60 @@ def merge_rounds(rounds: list[dict]) -> dict:
     }
 
 
+def compute_ratios(merged: dict, kinds: list[str], modes: list[str]) -> dict:
+    """The ratios of the modes that ran, per batch kind. A time ratio is taken within each round (its modes ran
+    minutes apart, so the machine's speed drifts little between them) and the median over rounds is reported; the
+    memory ratios use the largest peaks. Every ratio needs only its own two modes."""
+    rounds = {key: row["round_medians_s"] for key, row in merged.items()}
+    pairs = [("fast_over_forward", "fast", "forward"), ("full_over_fast", "full", "fast"),
+             ("lora_over_fast", "lora", "fast"), ("fast_recompute_over_forward", "fast-recompute", "forward"),
+             ("fast_columns_over_forward", "fast-columns", "forward")]
+    # Each method's step against the no-grad forward.
+    pairs += [(f"{mode.replace('-', '_')}_over_forward", mode, "forward") for mode in ("deep-suffix", "prompt", "prefix")]
+    ratios = {}
+    for kind in kinds:
+        per_round = {
+            name: [top / bottom for top, bottom in zip(rounds[kind, a], rounds[kind, b])]
+            for name, a, b in pairs if a in modes and b in modes
+        }
+        memory = {}
+        if "full" in modes:
+            full = merged[kind, "full"]
+            memory = {f"{mode.replace('-', '_')}_mem_over_full": merged[kind, mode]["step_mem_mb"] / full["step_mem_mb"]
+                      for mode in ("fast", "fast-columns", "fast-recompute") if mode in modes}
+            if "fast" in modes:
+                memory["fast_peak_rss_over_full"] = merged[kind, "fast"]["peak_rss_mb"] / full["peak_rss_mb"]
+        if not per_round and not memory:
+            continue
+        ratios[kind] = {
+            **{name: statistics.median(values) for name, values in per_round.items()},
+            **memory,
+            **{f"{name}_per_round": values for name, values in per_round.items()},
+        }
+        if set(BASE_MODES) <= set(modes):
+            ratios[kind]["meets_requirements"] = (
+                ratios[kind]["fast_over_forward"] <= 1.3
+                and ratios[kind]["full_over_fast"] >= 1.5
+                and ratios[kind]["lora_over_fast"] >= 1.5
+                and ratios[kind]["fast_mem_over_full"] <= 0.5
+            )
+        if "deep_suffix_over_forward" in ratios[kind]:  # issue 16: a deep-suffix step costs <= 1.3 no-grad forwards
+            ratios[kind]["deep_suffix_meets_target"] = ratios[kind]["deep_suffix_over_forward"] <= 1.3
+    return ratios
+
+
+def ratios_of_file(path: Path) -> dict:
+    """Recompute the `ratios` of a results file from its per-round medians (for files written before a ratio
+    existed), and write them back."""
+    report = json.loads(path.read_text())
+    merged = {(row["kind"], row["mode"]): row for row in report["results"]}
+    kinds = list(dict.fromkeys(row["kind"] for row in report["results"]))
+    modes = list(dict.fromkeys(row["mode"] for row in report["results"]))
+    report["ratios"] = compute_ratios(merged, kinds, modes)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return report["ratios"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=positive_int, default=32)
@@ -209,8 +263,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: on CUDA the memory columns are the "
                         "device's allocated memory (torch.cuda.max_memory_allocated)")
     parser.add_argument("--backbone", default="smollm2-135m", help="backbone spec (default: the bundled SmolLM2)")
+    parser.add_argument("--ratios-of", type=Path, default=None, metavar="JSON",
+                        help="measure nothing: recompute the ratios of a results file from its per-round medians")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "KIND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ratios_of:
+        print(json.dumps(ratios_of_file(args.ratios_of), indent=2))
+        return
     if args.child:
         result = child(*args.child, args.batch_size, args.steps, args.num_tokens, args.texts, args.pack_tokens,
                        args.device, args.backbone)
@@ -248,40 +307,7 @@ def main() -> None:
     merged = {key: merge_rounds(rs) for key, rs in runs.items()}
     results = list(merged.values())
 
-    ratios = {}
-    for kind in args.kinds if {"forward", "fast"} <= set(args.modes) else []:
-        # A ratio is taken within each round (its modes ran minutes apart, so the machine's speed drifts little
-        # between them) and the median over rounds is reported; the memory ratios use the largest peaks.
-        pairs = [("fast_over_forward", "fast", "forward"), ("full_over_fast", "full", "fast"),
-                 ("lora_over_fast", "lora", "fast"), ("fast_recompute_over_forward", "fast-recompute", "forward"),
-                 ("fast_columns_over_forward", "fast-columns", "forward")]
-        # Each method's step against the no-grad forward.
-        pairs += [(f"{mode.replace('-', '_')}_over_forward", mode, "forward")
-                  for mode in ("deep-suffix", "prompt", "prefix")]
-        per_round = {
-            name: [top["median_s"] / bottom["median_s"] for top, bottom in zip(runs[kind, a], runs[kind, b])]
-            for name, a, b in pairs if a in args.modes and b in args.modes
-        }
-        memory = {}
-        if "full" in args.modes:
-            full = merged[kind, "full"]
-            memory = {f"{mode.replace('-', '_')}_mem_over_full": merged[kind, mode]["step_mem_mb"] / full["step_mem_mb"]
-                      for mode in ("fast", "fast-columns", "fast-recompute") if mode in args.modes}
-            memory["fast_peak_rss_over_full"] = merged[kind, "fast"]["peak_rss_mb"] / full["peak_rss_mb"]
-        ratios[kind] = {
-            **{name: statistics.median(values) for name, values in per_round.items()},
-            **memory,
-            **{f"{name}_per_round": values for name, values in per_round.items()},
-        }
-        if set(BASE_MODES) <= set(args.modes):
-            ratios[kind]["meets_requirements"] = (
-                ratios[kind]["fast_over_forward"] <= 1.3
-                and ratios[kind]["full_over_fast"] >= 1.5
-                and ratios[kind]["lora_over_fast"] >= 1.5
-                and ratios[kind]["fast_mem_over_full"] <= 0.5
-            )
-        if "deep_suffix_over_forward" in ratios[kind]:  # issue 16: a deep-suffix step costs <= 1.3 no-grad forwards
-            ratios[kind]["deep_suffix_meets_target"] = ratios[kind]["deep_suffix_over_forward"] <= 1.3
+    ratios = compute_ratios(merged, args.kinds, args.modes)
     report = {
         "command": "python train/bench_step.py " + " ".join(sys.argv[1:]),
         "machine": {"cpus": torch.get_num_threads(), **cpu_summary(), "platform": platform.platform(),
