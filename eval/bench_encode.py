@@ -34,7 +34,7 @@ from scipy.stats import spearmanr
 from sentence_transformers import SentenceTransformer
 
 import spt_embed
-from spt_embed.hardware import cpu_summary
+from spt_embed.hardware import cpu_summary, package_versions
 from spt_embed.datafiles import load_sts, scifact_documents
 from spt_embed.model.encoder import open_encoder
 
@@ -50,6 +50,8 @@ EXPORTS = {
 }
 FORMS = (REFERENCE, "adapter-bf16", *EXPORTS, REFERENCE_ENCODER)
 BATCH = 32
+# The packages whose versions a run records (the openvino extra pins an older transformers than the core install).
+VERSIONED = ("transformers", "sentence-transformers", "openvino", "optimum-intel", "nncf", "onnxruntime")
 
 logger = logging.getLogger("bench_encode")
 
@@ -141,7 +143,7 @@ def main() -> None:
         record: dict = {
             "model": "tiny random llama (--smoke)" if args.smoke else args.model,
             "torch": torch.__version__,
-            "versions": package_versions(),
+            "versions": package_versions(VERSIONED),
             "torch_threads": torch.get_num_threads(),
             "machine": platform.machine(), **cpu_summary(),
             "batch_size": BATCH,
@@ -184,19 +186,6 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"written to {out}")
-
-
-def package_versions() -> dict[str, str | None]:
-    """The versions the forms ran on (the openvino extra pins an older transformers than the core install)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    found: dict[str, str | None] = {}
-    for name in ("transformers", "sentence-transformers", "openvino", "optimum-intel", "nncf", "onnxruntime"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
 
 
 def table(record: dict) -> str:

@@ -45,12 +45,13 @@ BF16_FACTOR = 1.5
 def environment(args) -> dict:
     import torch
 
+    from spt_embed.hardware import package_versions
     from spt_embed.model.dtypes import native_bf16
 
     cuda = torch.cuda.is_available()
     info = {
         "torch": torch.__version__,
-        "packages": {name: _version(name) for name in ("transformers", "sentence-transformers", "peft", "datasets")},
+        "packages": package_versions(("transformers", "sentence-transformers", "peft", "datasets")),
         "platform": platform.platform(),
         "cuda_available": cuda,
         "device": args.device,
@@ -61,15 +62,6 @@ def environment(args) -> dict:
                     cuda=torch.version.cuda, gpu_bf16=torch.cuda.is_bf16_supported())
     info["ok"] = cuda or not args.device.startswith("cuda")
     return info
-
-
-def _version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 def random_backbone(source: str, folder: str) -> str:

@@ -32,3 +32,17 @@ def cpu_summary() -> dict:
     """Model name, and the flags that decide int8 and bfloat16 speed on a CPU (AVX-512, VNNI, AMX, AVX512-BF16)."""
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
     return {"cpu": cpu_name(), "cpu_flags": [flag for flag in wanted if flag in cpu_flags()]}
+
+
+def package_versions(names: tuple[str, ...] | list[str]) -> dict[str, str | None]:
+    """The installed version of each distribution in `names` (None where it is not installed); benchmarks record
+    them beside their numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
