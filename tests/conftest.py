@@ -157,3 +157,12 @@ def load_script(relative: str, name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def move_lora_b(model: torch.nn.Module, std: float, generator: torch.Generator | None = None) -> None:
+    """Draw every LoRA B matrix of `model` from N(0, std): peft starts them at zero, so a fresh adapter changes
+    nothing (and leaves A without a gradient) until training moves them."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, std, generator=generator)

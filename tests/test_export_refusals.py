@@ -13,7 +13,7 @@ from spt_embed.cli.main import main
 from spt_embed.model.base import BACKBONE_SUBDIR
 from spt_embed.model.baselines import baseline_encoder
 from spt_embed.model.lora import LORA_SUBDIR, lora_baseline_encoder
-from tests.conftest import SENTENCES
+from tests.conftest import SENTENCES, move_lora_b
 
 ALTERNATIVE = r"spt_embed\.load\(\.\.\.\) \(or SentenceTransformer\((adapter|folder), trust_remote_code=True\)\)"
 
@@ -55,10 +55,7 @@ def test_export_refuses_lora(backbones, tmp_path, capsys, merged):
     """What `spt-embed train --method lora` saves (lora/ beside the named backbone), and a merged folder
     (backbone/, as `spt-embed merge-lora` and earlier versions write)."""
     model = lora_baseline_encoder(backbones["llama"], r=2, device="cpu")
-    with torch.no_grad():  # as after training: LoRA's B matrices start at zero
-        for name, parameter in model[0].backbone.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(std=0.05)
+    move_lora_b(model, 0.05)  # as after training: LoRA's B matrices start at zero
     if merged:
         model[0].merge_lora()
     folder = tmp_path / "lora"

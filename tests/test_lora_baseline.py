@@ -24,7 +24,7 @@ from spt_embed.model.prefix import prefix_baseline_encoder
 from spt_embed.recipe import latest_checkpoint
 from spt_embed.training.train import checkpoint_weights
 from spt_embed.training.train_config import Method
-from tests.conftest import SENTENCES, Kill
+from tests.conftest import SENTENCES, Kill, move_lora_b
 from tests.test_eval import write_toy_data
 from tests.test_train import config, toy_pairs
 
@@ -143,10 +143,7 @@ def test_lora_trains_only_lora_and_saves_the_adapter_only(tmp_path, backbones, c
 
 def test_merge_lora_writes_a_merged_copy_with_the_same_embeddings(tmp_path, backbones, capsys):
     lora = lora_baseline_encoder(backbones["qwen2"], r=2, targets=["q_proj", "v_proj"], max_length=64, device="cpu")
-    with torch.no_grad():  # fresh LoRA layers change nothing until trained; make them count
-        for name, parameter in lora.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)
+    move_lora_b(lora, 0.5)  # fresh LoRA layers change nothing until trained; make them count
     lora.save(str(tmp_path / "lora"))
     expected = encode(lora)
     trained = lora[0].adapter_parameters()
@@ -200,10 +197,7 @@ def test_a_merged_folder_of_an_earlier_version_still_loads(tmp_path, backbones, 
     """The LoRA baseline's final folder as spt-embed wrote it before it saved adapters only: backbone/ (merged),
     trained_from set, and nothing recorded about the LoRA."""
     lora = lora_baseline_encoder(backbones["llama"], r=4, max_length=64, device="cpu")
-    with torch.no_grad():
-        for name, parameter in lora.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)
+    move_lora_b(lora, 0.5)
     expected = encode(lora)
     lora[0].merge_lora()
     old = tmp_path / "old"

@@ -13,6 +13,7 @@ from sentence_transformers.sentence_transformer.losses import MultipleNegativesR
 from spt_embed import ForwardPath, SuffixPromptEncoder
 from spt_embed.model.lora import lora_baseline_encoder
 from spt_embed.model.soft_prompt import left_align
+from tests.conftest import move_lora_b
 
 ANCHORS = ["a man is playing a flute .", "hello", "the cat sleeps", "a dog runs"]
 POSITIVES = ["a man plays", "hello world", "the small red cat sleeps on the big blue house", "the dog runs quickly"]
@@ -44,10 +45,7 @@ def _models(backbone_dir):
         deep.prompt_module.layer_offsets.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
     lora = lora_baseline_encoder(str(backbone_dir), r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"], seed=0,
                                  device="cpu")
-    with torch.no_grad():  # peft starts B at zero, which leaves A without a gradient: move B as training would
-        for name, parameter in lora.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    move_lora_b(lora, 0.05, torch.Generator().manual_seed(1))  # B at zero leaves A without a gradient
     return {"suffix": spt, "deep-suffix": deep, "lora": lora}
 
 

@@ -19,7 +19,7 @@ from spt_embed.model import base
 from spt_embed.model.encoder import open_encoder
 from spt_embed.model.lora import LORA_WEIGHTS, lora_baseline_encoder, merge_lora_for_inference
 
-from .conftest import SENTENCES
+from .conftest import SENTENCES, move_lora_b
 
 FIXTURE_V0_1 = Path(__file__).parent / "fixtures" / "adapter_v0_1"
 
@@ -36,10 +36,7 @@ def saved(backbones, tmp_path_factory) -> dict[str, Path]:
     model.save(str(root / "adapter"))
     spt_embed.export(root / "adapter", root / "plain")
     lora = lora_baseline_encoder(backbones["llama"], r=4, targets=["q_proj", "v_proj"], max_length=64, device="cpu")
-    with torch.no_grad():  # fresh LoRA layers change nothing until trained; make them count
-        for name, parameter in lora.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)
+    move_lora_b(lora, 0.5)  # fresh LoRA layers change nothing until trained; make them count
     lora.save(str(root / "lora"))
     return {"adapter": root / "adapter", "plain": root / "plain", "lora": root / "lora"}
 
