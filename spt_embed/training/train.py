@@ -251,13 +251,7 @@ def router_mapping(config: TrainConfig) -> dict[str, dict[str, str]] | dict[str,
 
 def retrieval_sources(config: TrainConfig) -> list[str]:
     """Dataset names of the query -> passage sources: retrieval presets and the files named in retrieval_data."""
-    from spt_embed.training.data import PRESETS
-
-    return [
-        name
-        for name, source in source_names(config.data).items()
-        if source in config.retrieval_data or (source in PRESETS and PRESETS[source].retrieval)
-    ]
+    return [name for name, source in source_names(config.data).items() if config.is_retrieval_source(source)]
 
 
 def _check_one_batch(dataset, source: str, config: TrainConfig) -> None:

@@ -262,6 +262,12 @@ class TrainConfig(RecipeConfig):
             factors[source] = int(count)
         return factors
 
+    def is_retrieval_source(self, source: str) -> bool:
+        """A query -> passage source of `data`: a retrieval preset, or a file named in retrieval_data."""
+        from spt_embed.training.data import PRESETS  # names and descriptions only: no datasets import
+
+        return source in self.retrieval_data or (source in PRESETS and PRESETS[source].retrieval)
+
     def check_mining(self) -> None:
         """mine_negatives names retrieval sources of `data`, each once, and the mining knobs are in range. Whether
         a source already has a negative column is known only once it is read (`spt_embed.training.mining`)."""
@@ -282,7 +288,7 @@ class TrainConfig(RecipeConfig):
                     f"mined negatives are passages ranked for a query. Retrieval presets: "
                     f"{[name for name, preset in PRESETS.items() if preset.retrieval]}."
                 )
-            if source not in PRESETS and source not in self.retrieval_data:
+            if not self.is_retrieval_source(source):
                 raise ValueError(
                     f"mine_negatives {source!r}: not a retrieval source. Mined negatives are passages ranked for a "
                     f"query: if its anchor is a query and its positive a passage, name it in retrieval_data too."
