@@ -1,9 +1,13 @@
 """Result folders of `spt-embed eval` -> a markdown table (rows models, columns tasks + average) and a bar chart.
 
     python eval/compare.py eval/results/* --out eval/results/table.md --plot eval/results/scores.png
+    python eval/compare.py eval/results/smollm2-prompteol-bf16 train/results/budget-60.jsonl#lora-graded-lr3e-3
 
 Each folder is one model (its name labels the row); every mteb result file (``<Task>.json``, any depth) in it
 gives the task's main score, the mean over its evaluated splits ("test" only when a test split exists), x100.
+A source ``FILE.jsonl#NAME`` is the row NAME of a results file that `train/compare.py` writes (its ``scores``, x100
+already; the row name labels it), and ``FILE.jsonl`` alone is every row of it that has scores, so the tables of
+runs whose folders are gone can still be regenerated from the committed results files.
 The average is over the table's tasks and is left empty for a model that lacks any of them.
 """
 
@@ -42,10 +46,47 @@ def read_scores(folder: Path) -> dict[str, float]:
     return scores
 
 
-def collect(folders: list[Path]) -> dict[str, dict[str, float]]:
-    """Model label (folder name) -> task scores; folders without any result are an error."""
+def read_rows(source: str) -> dict[str, dict[str, float]]:
+    """Row name -> task scores from a `train/compare.py` results file: ``FILE.jsonl`` (every row that has scores)
+    or ``FILE.jsonl#NAME`` (that row; an error when it is missing or has no scores)."""
+    path_text, _, wanted = source.partition("#")
+    path = Path(path_text)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is not a results file (train/compare.py writes train/results/<spec>.jsonl).")
+    rows: dict[str, dict[str, float]] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{path}:{number} is not JSON ({exc}); is it a train/compare.py results file?") from None
+        if isinstance(row, dict) and isinstance(row.get("scores"), dict) and row["scores"]:
+            rows[str(row.get("name", f"row {number}"))] = {task: float(v) for task, v in row["scores"].items()}
+    if not wanted:
+        return rows  # may be empty: a glob such as eval/results/* also matches other .jsonl logs
+    if wanted not in rows:
+        names = ", ".join(rows) or "none"
+        raise ValueError(f"{path} has no row {wanted!r} with scores (rows with scores: {names}).")
+    return {wanted: rows[wanted]}
+
+
+def is_rows_source(source: str | Path) -> bool:
+    return str(source).partition("#")[0].endswith(".jsonl")
+
+
+def collect(sources: list[Path | str]) -> dict[str, dict[str, float]]:
+    """Model label (folder or row name) -> task scores; sources without any result are an error."""
     table: dict[str, dict[str, float]] = {}
-    for folder in folders:
+    for source in sources:
+        if is_rows_source(source):
+            rows = read_rows(str(source))
+            if not rows:
+                logger.info("skipping %s: no row with scores", source)
+            for name, scores in rows.items():
+                table[name if name not in table else f"{source} {name}"] = scores
+            continue
+        folder = Path(source)
         scores = read_scores(folder)
         if not scores:
             raise FileNotFoundError(f"{folder} holds no mteb result files (<Task>.json).")
@@ -113,22 +154,27 @@ def bar_chart(table: dict[str, dict[str, float]], path: Path, tasks: list[str] |
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+", type=Path, help="result folders written by spt-embed eval --output")
+    parser.add_argument(
+        "folders", nargs="+", help="result folders written by spt-embed eval --output, or FILE.jsonl[#NAME] rows of "
+        "a train/compare.py results file"
+    )
     parser.add_argument("--tasks", nargs="+", default=None, help="columns to show, in order (default: all found)")
     parser.add_argument("--out", type=Path, default=None, help="write the markdown table here (default: stdout only)")
     parser.add_argument("--plot", type=Path, default=None, help="write a bar chart PNG here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    # A shell glob such as eval/results/* also matches the table and plot files: keep folders only.
-    folders = [folder for folder in args.folders if folder.is_dir()]
-    skipped = [str(path) for path in args.folders if not path.is_dir()]
+    # A shell glob such as eval/results/* also matches the table and plot files: keep folders (and rows) only.
+    folders = [source for source in args.folders if is_rows_source(source) or Path(source).is_dir()]
+    skipped = [source for source in args.folders if source not in folders]
     if skipped:
         logger.info("skipping non-folders: %s", ", ".join(skipped))
     try:
         if not folders:
             raise FileNotFoundError(f"None of {', '.join(map(str, args.folders))} is a results folder.")
         table = collect(folders)
+        if not table:
+            raise FileNotFoundError(f"None of {', '.join(map(str, args.folders))} holds scores.")
     except (FileNotFoundError, ValueError) as exc:
         print(f"compare: error: {exc}", file=sys.stderr)
         return 2

@@ -408,3 +408,27 @@ def test_compare_empty_folder_is_an_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert compare.main([str(tmp_path / "empty")]) == 2
     assert "no mteb result files" in capsys.readouterr().err
+
+
+def test_compare_reads_rows_of_a_results_file(tmp_path, capsys):
+    compare = _compare_module()
+    rows = tmp_path / "budget.jsonl"
+    rows.write_text(
+        json.dumps({"name": "spt", "scores": {"STSBenchmark": 77.22, "SciFact": 35.37}}) + "\n"
+        + json.dumps({"name": "unevaluated", "best_dev": 80.0}) + "\n"
+        + json.dumps({"name": "lora", "scores": {"STSBenchmark": 80.38, "SciFact": 38.6}}) + "\n"
+    )
+    _write_result(tmp_path / "minilm", "STSBenchmark", 0.820325)
+    _write_result(tmp_path / "minilm", "SciFact", 0.64508)
+    table_path = tmp_path / "table.md"
+    assert compare.main([str(tmp_path / "minilm"), f"{rows}#lora", "--out", str(table_path)]) == 0
+    body = table_path.read_text().splitlines()[2:]
+    assert body == ["| minilm | 82.03 | 64.51 | 73.27 |", "| lora | 80.38 | 38.60 | 59.49 |"]
+    assert list(compare.collect([rows])) == ["spt", "lora"]  # the whole file: every row that has scores
+    assert compare.main([f"{rows}#unevaluated"]) == 2
+    assert "no row 'unevaluated' with scores (rows with scores: spt, lora)" in capsys.readouterr().err
+    # A glob's other .jsonl logs (no scores in them) are skipped, not an error.
+    (tmp_path / "log.jsonl").write_text(json.dumps({"model": "x", "spearman": 1.0}) + "\n")
+    assert compare.main([str(tmp_path / "minilm"), str(tmp_path / "log.jsonl")]) == 0
+    assert compare.main([str(tmp_path / "missing.jsonl#spt")]) == 2
+    assert "is not a results file" in capsys.readouterr().err
