@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup setup-openvino demo test test-fast test-ray test-openvino gpu-check clean
+.PHONY: setup setup-openvino demo test test-fast test-ray test-openvino gpu-check tables clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,25 @@ test-openvino: setup-openvino
 # H200 on 2026-12-04: train/results/gpu/).
 gpu-check: setup
 	$(PY) eval/gpu_check.py --output train/results/gpu_check.json
+
+# The README's evaluation table and panel, regenerated from committed results only (seconds; nothing is encoded):
+# result folders of `spt-embed eval` in eval/results, and rows of train/compare.py's results files for the runs
+# whose folders lived in out/. The README says which command produced each row.
+RESULTS := eval/results
+TABLE_SOURCES := $(addprefix $(RESULTS)/,all-minilm-l6-v2 smollm2-mean smollm2-mean-bf16 smollm2-last \
+	smollm2-last-bf16 smollm2-prompteol smollm2-prompteol-bf16 smollm2-spt-uni smollm2-spt-uni-bf16 smollm2-spt-bi \
+	smollm2-lora smollm2-lora-bf16) \
+	$(addprefix train/results/budget-60.jsonl\#,deep-suffix-template-graded-fixed deep-suffix-template-graded-lr3e-2 \
+	deep-suffix-template-graded-lr3e-2-temp0.02-seed43 lora-graded-lr3e-3 suffix-template-graded \
+	suffix-template-graded-temp0.02) \
+	train/results/retrieval-60.jsonl\#deep-suffix-query-document-lr3e-2 $(RESULTS)/smollm2-retrieval
+PANEL_SOURCES := $(addprefix $(RESULTS)/,smollm2-prompteol-bf16 smollm2-spt-uni-bf16 smollm2-nli-bf16 \
+	smollm2-nli-temp0.02 smollm2-lora-graded-lr3e-3-bf16 smollm2-deep-lr3e-2-bf16 smollm2-deep-temp0.02-seed43)
+tables: setup
+	$(PY) eval/compare.py $(TABLE_SOURCES) --tasks STSBenchmark SICK-R SciFact Banking77Classification \
+		--out $(RESULTS)/table.md --plot $(RESULTS)/scores.png
+	$(PY) eval/compare.py $(PANEL_SOURCES) --tasks SentEvalMR SentEvalCR SentEvalSUBJ SentEvalMPQA SentEvalSST2 \
+		SentEvalTREC --out $(RESULTS)/panel.md --plot $(RESULTS)/panel.png
 
 clean:
 	rm -rf $(VENV) $(OV_VENV) out .pytest_cache
