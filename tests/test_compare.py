@@ -59,6 +59,19 @@ def test_compare_trains_evaluates_dev_and_reports(tmp_path, backbones, monkeypat
     assert (tmp_path / "runs" / "a" / "train_log.jsonl").read_text() == log
 
 
+def test_train_only_leaves_the_evaluation_to_a_later_run(tmp_path, backbones, monkeypatch):
+    monkeypatch.setenv("SPT_EMBED_DATA", str(write_toy_data(tmp_path / "data")))
+    compare = load_compare()
+    spec = write_spec(tmp_path, backbones["llama"])
+    assert compare.main([str(spec), "--only", "a", "--train-only"]) == 0
+    row = json.loads((tmp_path / "results" / "cmp.jsonl").read_text().splitlines()[0])
+    assert [step for step, _, _ in row["dev_curve"]] == [2, 4] and row["scores"] == {} and row["average"] is None
+    assert not (tmp_path / "runs" / "a.eval-validation").exists()
+    assert compare.main([str(spec), "--only", "a"]) == 0  # the same run, now evaluated without training again
+    row = json.loads((tmp_path / "results" / "cmp.jsonl").read_text().splitlines()[0])
+    assert set(row["scores"]) == {"STSBenchmark"}
+
+
 def test_budget_stops_a_run(tmp_path, backbones, monkeypatch):
     monkeypatch.setenv("SPT_EMBED_DATA", str(write_toy_data(tmp_path / "data")))
     compare = load_compare()

@@ -4,6 +4,7 @@ STS-B dev, evaluate through `spt-embed eval`, and write one results file and the
     python train/compare.py train/configs/compare.yaml                 # every run (finished ones are reused)
     python train/compare.py train/configs/compare.yaml --only spt-lr1e-2 lora-lr2e-4
     python train/compare.py train/configs/compare.yaml --report        # table + plot from what is there
+    python train/compare.py train/configs/compare.yaml --only NAME --train-only   # train and select; no test yet
 
 The spec (YAML):
     budget_minutes: 60            # training wall-clock per run (dev evaluations and checkpoint saves not counted)
@@ -298,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", help="comparison spec (YAML)")
     parser.add_argument("--only", nargs="+", help="run only these names (the report still covers all)")
     parser.add_argument("--report", action="store_true", help="no training or evaluation: table and plot only")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train (with its dev curve) but do not evaluate on eval_splits yet: a run that loses on "
+                        "dev keeps its row without spending the evaluation; a later run without it evaluates")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     spec = yaml.safe_load(Path(args.spec).read_text(encoding="utf-8"))
@@ -316,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if not finished(out):
             train_run(run, spec, out)
+        if args.train_only:
+            continue
         run_spec = {**spec, "eval_dtype": run_eval_dtype(run, spec)}
         evaluate(str(out), spec["eval_tasks"], eval_dir(out, spec), dtype=run_spec["eval_dtype"],
                  eval_splits=spec.get("eval_splits"))
