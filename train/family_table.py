@@ -42,6 +42,7 @@ ROWS = (
     ("PromptEOL zero-shot (no training)", None, "eval/results/smollm2-prompteol-bf16"),
     ("suffix (K = 16, fast path), temperature 0.05", "fast", "suffix-template-graded"),
     ("suffix, temperature 0.02 (swept)", "fast", "suffix-template-graded-temp0.02"),
+    ("suffix, lr 3e-2, temperature 0.02 (swept)", "fast", "suffix-template-graded-lr3e-2-temp0.02"),
     ("deep-suffix (K = 16 + per-layer offsets), lr 1e-2 (the shallow suffix's rate)", "deep-suffix",
      "deep-suffix-template-graded-fixed"),
     ("deep-suffix, lr 3e-2 (swept)", "deep-suffix", "deep-suffix-template-graded-lr3e-2"),
