@@ -74,7 +74,8 @@ TABLE_SOURCES := $(addprefix $(RESULTS)/,all-minilm-l6-v2 smollm2-mean smollm2-m
 	suffix-template-graded-temp0.02 suffix-template-graded-lr3e-2-temp0.02) \
 	train/results/retrieval-60.jsonl\#deep-suffix-query-document-lr3e-2 $(RESULTS)/smollm2-retrieval
 PANEL_SOURCES := $(addprefix $(RESULTS)/,smollm2-prompteol-bf16 smollm2-spt-uni-bf16 smollm2-nli-bf16 \
-	smollm2-nli-temp0.02 smollm2-nli-lr3e-2-temp0.02 smollm2-lora-graded-lr3e-3-bf16 smollm2-deep-lr3e-2-bf16 smollm2-deep-temp0.02-seed43)
+	smollm2-nli-temp0.02 smollm2-nli-lr3e-2-temp0.02 smollm2-lora-graded-lr3e-3-bf16 smollm2-deep-lr3e-2-bf16 \
+	smollm2-deep-temp0.02-seed43)
 tables: setup
 	$(PY) eval/compare.py $(TABLE_SOURCES) --tasks STSBenchmark SICK-R SciFact Banking77Classification \
 		--out $(RESULTS)/table.md --plot $(RESULTS)/scores.png
