@@ -179,3 +179,15 @@ def test_budget_counts_the_seconds_mining_took(tmp_path):
     quiet = compare.Budget(1.0, run_dir=tmp_path / "elsewhere")  # a run folder without mining: nothing added
     quiet.on_train_begin(None, None, control)
     assert quiet.seconds == 0.0
+
+
+def test_lora_runs_are_dashed_by_their_method_not_their_name(tmp_path, backbones):
+    """The learning-curve plot tells LoRA from prompt runs by the method the run's recipe resolves to: a LoRA run
+    named without "lora" is dashed, a prompt run named "lora-..." is not, and a row whose config is gone is solid."""
+    compare = load_compare()
+    spec = yaml.safe_load(write_spec(tmp_path, backbones["llama"]).read_text())
+    run = spec["runs"][0]
+    assert compare.line_style({**run, "name": "baseline"}) == "-"
+    assert compare.line_style({**run, "name": "lora-like-name"}) == "-"
+    assert compare.line_style({**run, "name": "baseline", "overrides": {**run["overrides"], "method": "lora"}}) == "--"
+    assert compare.line_style({**run, "config": str(tmp_path / "gone.yaml")}) == "-"

@@ -263,6 +263,16 @@ def run_eval_dtype(run: dict, spec: dict) -> str:
     return run.get("eval_dtype", spec.get("eval_dtype", "float32"))
 
 
+def line_style(row: dict) -> str:
+    """Dashed for a LoRA run, solid otherwise: the method its recipe resolves to (its config with its overrides), not
+    its name; a row whose config file is gone (kept from an earlier machine) is drawn solid."""
+    try:
+        method = spt_embed.TrainConfig.from_sources(row["config"], **row.get("overrides", {})).method
+    except (FileNotFoundError, ValueError, TypeError):
+        return "-"
+    return "--" if method == "lora" else "-"
+
+
 def plot_curves(rows: list[dict], path: Path, budget: float) -> None:
     """Dev score against training minutes, one panel per CPU (minutes on different CPUs do not compare); every run
     keeps one colour of its own, and LoRA runs are dashed so that the methods read apart at a glance."""
@@ -277,7 +287,7 @@ def plot_curves(rows: list[dict], path: Path, budget: float) -> None:
     for index, row in enumerate(rows):
         ax = axes[0][cpus.index(cpu_name(row))]
         points = [(m, d) for _, m, d in row["dev_curve"] if m == m]  # m == m: NaN (no time logged) left out
-        style = "--" if "lora" in row["name"] else "-"
+        style = line_style(row)
         if points:
             ax.plot(*zip(*points), marker="o", linestyle=style, color=colours(index % colours.N), label=row["name"],
                     markersize=3)
