@@ -58,6 +58,8 @@ SEEDS = (
     ("deep-suffix, lr 3e-2, temperature 0.02", ("deep-suffix-template-graded-lr3e-2-temp0.02",
                                                 "deep-suffix-template-graded-lr3e-2-temp0.02-seed43")),
     ("LoRA r = 16, lr 3e-3", ("lora-graded-lr3e-3", "lora-graded-lr3e-3-seed43")),
+    ("suffix, lr 3e-2, temperature 0.02", ("suffix-template-graded-lr3e-2-temp0.02",
+                                           "suffix-template-graded-lr3e-2-temp0.02-seed43")),
 )
 
 
