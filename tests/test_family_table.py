@@ -13,7 +13,7 @@ def test_family_table_from_results_files(tmp_path, monkeypatch):
     for task, score in zip(family.TASKS, (0.6, 0.5, 0.2, 0.4)):
         (zero / f"{task}.json").write_text(json.dumps({"task_name": task, "scores": {"test": [{"main_score": score}]}}))
     monkeypatch.setattr(family, "ROWS", (("zero", None, str(zero)), ("suffix", "fast", "s"), ("prefix", "prefix", "p")))
-    monkeypatch.setattr(family, "SEEDS", (("suffix", ("s", "s2")), ("prefix", ("p", "p2"))))
+    monkeypatch.setattr(family, "SEEDS", (("suffix", ("s", "s2", "s3")), ("prefix", ("p", "p2"))))
     budget = tmp_path / "budget.jsonl"
     budget.write_text(json.dumps({"name": "s", "scores": dict(zip(family.TASKS, (70.0, 60.0, 30.0, 50.0))),
                                   "trained_params": None, "training_minutes": 60.1, "seconds_per_step": 9.5,
@@ -34,8 +34,9 @@ def test_family_table_from_results_files(tmp_path, monkeypatch):
     seeds = lines[lines.index("Seeds (runs that differ only in `seed`):") + 2:]
     assert seeds[2] == "| suffix | s | 7 | 70.0 | 60.0 | 30.0 | 50.0 | 52.5 | Some CPU |"
     assert seeds[3] == "| suffix | s2 | 8 | 71.0 | 61.0 | 31.0 | 49.0 | 53.0 | Some CPU |"
-    assert seeds[4] == ("| **suffix** | mean of 2 seeds | – | 70.5 | 60.5 | 30.5 | 49.5 | **52.75** (spread 0.5) "
-                        "| – |")
-    assert seeds[5].startswith("| prefix | p | not run |") and seeds[6].startswith("| prefix | p2 | not run |")
-    assert len(seeds) == 7  # no mean for a method whose seeds have not all run
+    assert seeds[4].startswith("| suffix | s3 | not run |")  # a seed still to run
+    assert seeds[5] == ("| **suffix** | mean of 2 seeds | – | 70.5 | 60.5 | 30.5 | 49.5 | **52.75** (spread 0.5) "
+                        "| – |")  # the mean of the seeds that ran
+    assert seeds[6].startswith("| prefix | p | not run |") and seeds[7].startswith("| prefix | p2 | not run |")
+    assert len(seeds) == 8  # no mean for a method with fewer than two seeds run
     assert out.with_suffix(".png").stat().st_size > 0
