@@ -65,6 +65,15 @@ SEEDS = (
 )
 
 
+def row_average(row: dict) -> float:
+    """The four-task average as `compare.py` recorded it in the results file, so the two never disagree (summing the
+    rounded scores again in another order can land on the other side of a half); computed only for a row that has
+    none (the zero-shot folder)."""
+    if row.get("average") is not None:
+        return row["average"]
+    return round(sum(row["scores"][t] for t in TASKS) / len(TASKS), 2)
+
+
 def load_rows(path: Path) -> dict[str, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results file; run `python train/compare.py train/configs/budget-60.yaml`.")
@@ -102,7 +111,7 @@ def table(budget: dict[str, dict], bench: dict[str, dict]) -> tuple[list[str], l
                 entry["params"] = bench[mode].get("trainable_params")
         scores = entry["scores"]
         complete = all(t in scores for t in TASKS)
-        entry["average"] = round(sum(scores[t] for t in TASKS) / len(TASKS), 2) if complete else None
+        entry["average"] = (row_average(budget[source]) if mode is not None else row_average(entry)) if complete else None
         rows.append(entry)
     return header, rows
 
@@ -150,7 +159,7 @@ def seed_table(budget: dict[str, dict]) -> str:
             if row is None or not all(t in row.get("scores", {}) for t in TASKS):
                 lines.append(f"| {label} | {name} | not run | " + " | ".join(["–"] * (len(header) - 3)) + " |")
                 continue
-            average = round(sum(row["scores"][t] for t in TASKS) / len(TASKS), 2)
+            average = row_average(row)
             done.append((row["scores"], average))
             cpu = (row.get("cpu") or "–").split(" (")[0]
             lines.append("| " + " | ".join([label, name, str(run_seed(row)), *(str(row["scores"][t]) for t in TASKS),
