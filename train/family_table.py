@@ -61,7 +61,8 @@ SEEDS = (
     ("suffix, lr 3e-2, temperature 0.02", ("suffix-template-graded-lr3e-2-temp0.02",
                                            "suffix-template-graded-lr3e-2-temp0.02-seed43",
                                            "suffix-template-graded-lr3e-2-temp0.02-seed44")),
-    ("suffix, lr 1e-2, temperature 0.02", ("suffix-template-graded-temp0.02", "suffix-template-graded-temp0.02-seed43")),
+    ("suffix, lr 1e-2, temperature 0.02", ("suffix-template-graded-temp0.02", "suffix-template-graded-temp0.02-seed43",
+                                           "suffix-template-graded-temp0.02-seed44")),
 )
 
 
