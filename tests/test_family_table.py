@@ -16,6 +16,7 @@ def test_family_table_from_results_files(tmp_path, monkeypatch):
     monkeypatch.setattr(family, "SEEDS", (("suffix", ("s", "s2", "s3")), ("prefix", ("p", "p2"))))
     budget = tmp_path / "budget.jsonl"
     budget.write_text(json.dumps({"name": "s", "scores": dict(zip(family.TASKS, (70.0, 60.0, 30.0, 50.0))),
+                                  "average": 52.7,  # as compare.py recorded it (re-summed: 52.5); the table keeps it
                                   "trained_params": None, "training_minutes": 60.1, "seconds_per_step": 9.5,
                                   "encode_texts_per_s": 18.8, "cpu": "Some CPU (notes)", "overrides": {"seed": 7}})
                       + "\n" + json.dumps({"name": "s2", "scores": dict(zip(family.TASKS, (71.0, 61.0, 31.0, 49.0))),
@@ -29,14 +30,14 @@ def test_family_table_from_results_files(tmp_path, monkeypatch):
     assert family.main(["--budget", str(budget), "--bench", str(bench), "--out", str(out)]) == 0
     lines = out.read_text().splitlines()
     assert lines[2].startswith("| zero | 60.0 | 50.0 | 20.0 | 40.0 | 42.5 |")
-    assert lines[3] == ("| suffix | **70.0** | **60.0** | **30.0** | **50.0** | 52.5 | 9,216 | 60.1 | 9.5 | 2.7 | 1.0 "
+    assert lines[3] == ("| suffix | **70.0** | **60.0** | **30.0** | **50.0** | 52.7 | 9,216 | 60.1 | 9.5 | 2.7 | 1.0 "
                         "| 18.8 | Some CPU |")
     assert lines[4].startswith("| prefix | not run |")
     seeds = lines[lines.index("Seeds (runs that differ only in `seed`):") + 2:]
-    assert seeds[2] == "| suffix | s | 7 | 70.0 | 60.0 | 30.0 | 50.0 | 52.5 | Some CPU |"
+    assert seeds[2] == "| suffix | s | 7 | 70.0 | 60.0 | 30.0 | 50.0 | 52.7 | Some CPU |"
     assert seeds[3] == "| suffix | s2 | 8 | 71.0 | 61.0 | 31.0 | 49.0 | 53.1 | Some CPU |"
     assert seeds[4].startswith("| suffix | s3 | not run |")  # a seed still to run
-    assert seeds[5] == ("| **suffix** | mean of 2 seeds | – | 70.5 | 60.5 | 30.5 | 49.5 | **52.8** (spread 0.6) "
+    assert seeds[5] == ("| **suffix** | mean of 2 seeds | – | 70.5 | 60.5 | 30.5 | 49.5 | **52.9** (spread 0.4) "
                         "| – |")  # the mean of the seeds that ran
     assert seeds[6].startswith("| prefix | p | not run |") and seeds[7].startswith("| prefix | p2 | not run |")
     assert len(seeds) == 8  # no mean for a method with fewer than two seeds run

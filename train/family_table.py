@@ -99,7 +99,8 @@ def table(budget: dict[str, dict], bench: dict[str, dict]) -> tuple[list[str], l
             entry = {"label": label, "scores": {t: round(scores[t], 2) for t in TASKS if t in scores}}
         elif source in budget:
             row = budget[source]
-            entry = {"label": label, "scores": row["scores"], "params": row.get("trained_params"),
+            entry = {"label": label, "scores": row["scores"], "average": row.get("average"),
+                     "params": row.get("trained_params"),
                      "minutes": row.get("training_minutes"), "s_step": row.get("seconds_per_step"),
                      "encode": row.get("encode_texts_per_s"), "cpu": row.get("cpu"),
                      "steps_note": f" ({row['steps']} steps, stop_at_step)" if row.get("stopped_at_step") else ""}
@@ -112,7 +113,7 @@ def table(budget: dict[str, dict], bench: dict[str, dict]) -> tuple[list[str], l
                 entry["params"] = bench[mode].get("trainable_params")
         scores = entry["scores"]
         complete = all(t in scores for t in TASKS)
-        entry["average"] = (row_average(budget[source]) if mode is not None else row_average(entry)) if complete else None
+        entry["average"] = row_average(entry) if complete else None
         rows.append(entry)
     return header, rows
 
