@@ -18,10 +18,12 @@ def test_family_table_from_results_files(tmp_path, monkeypatch):
     budget.write_text(json.dumps({"name": "s", "scores": dict(zip(family.TASKS, (70.0, 60.0, 30.0, 50.0))),
                                   "average": 52.7,  # as compare.py recorded it (re-summed: 52.5); the table keeps it
                                   "trained_params": None, "training_minutes": 60.1, "seconds_per_step": 9.5,
-                                  "encode_texts_per_s": 18.8, "cpu": "Some CPU (notes)", "overrides": {"seed": 7}})
+                                  "encode_texts_per_s": 18.8, "cpu": "Some CPU (notes)", "overrides": {"seed": 7},
+                                  "steps": 100, "dev_curve": [[50, 30.5, 80.0], [100, 60.1, 81.0]]})
                       + "\n" + json.dumps({"name": "s2", "scores": dict(zip(family.TASKS, (71.0, 61.0, 31.0, 49.0))),
                                            "average": 53.1,  # as compare.py recorded it; the table keeps it
-                                           "cpu": "Some CPU", "overrides": {"seed": 8}}) + "\n")
+                                           "cpu": "Some CPU", "overrides": {"seed": 8},
+                                           "steps": 240, "dev_curve": [[80, 9.0, 79.0], [240, 27.0, 82.0]]}) + "\n")
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"results": [
         {"mode": "fast", "kind": "pairs", "median_s": 2.701, "step_mem_mb": 1024.0, "trainable_params": 9216},
@@ -42,3 +44,8 @@ def test_family_table_from_results_files(tmp_path, monkeypatch):
     assert seeds[6].startswith("| prefix | p | not run |") and seeds[7].startswith("| prefix | p2 | not run |")
     assert len(seeds) == 8  # no mean for a method with fewer than two seeds run
     assert out.with_suffix(".png").stat().st_size > 0
+    # the seed picture: dev against the share of each run's own budget steps (a faster CPU's minutes do not compare)
+    rows = family.load_rows(budget)
+    assert family.budget_share_curve(rows["s"]) == [(50.0, 80.0), (100.0, 81.0)]
+    assert family.budget_share_curve(rows["s2"]) == [(33.3, 79.0), (100.0, 82.0)]
+    assert (tmp_path / "family-seeds.png").stat().st_size > 0

@@ -1,6 +1,6 @@
 """Issue 16's table: the prompt-tuning family against LoRA and the zero-shot template, from results files only.
 
-    python train/family_table.py            # writes train/results/family.md and train/results/family.png
+    python train/family_table.py   # writes train/results/family.md, family.png and family-seeds.png
 
 Rows (`ROWS` below): PromptEOL zero-shot (an `spt-embed eval` folder), then one row of the 60-minute comparison
 (`train/results/budget-60.jsonl`, written by `train/compare.py train/configs/budget-60.yaml`) per method. A method
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 from spt_embed.atomic import atomic_file, write_text
@@ -200,6 +201,56 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def budget_share_curve(row: dict) -> list[tuple[float, float]]:
+    """A run's STS-B dev curve against the share of its budget, in %: each dev step over the steps the run trained.
+    Every SEEDS run trained for the steps its method's 60 minutes held on the AMD EPYC (`stop_at_step` where it ran on
+    another CPU), so at the same share two methods have had the same wall-clock on that machine, whatever CPU ran
+    them; the minutes of runs on different CPUs do not compare."""
+    return [(round(100 * step / row["steps"], 1), dev) for step, _minutes, dev in row.get("dev_curve") or []]
+
+
+def seed_plot(budget: dict[str, dict], path: Path) -> None:
+    """The seeds of each SEEDS method side by side: STS-B dev against the share of the budget (the selection set,
+    one line a seed), then the test average and SciFact of each seed (a dot each, the mean as a bar)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (curves, average, scifact) = plt.subplots(1, 3, figsize=(15, 5), gridspec_kw={"width_ratios": [2, 1, 1]})
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = []
+    for i, (label, names) in enumerate(SEEDS):
+        colour = colours[i % len(colours)]
+        rows = [budget[n] for n in names if n in budget]
+        for j, row in enumerate(rows):
+            points = budget_share_curve(row)
+            curves.plot(*zip(*points), marker="o", color=colour, alpha=0.8, label=label if j == 0 else None)
+        tested = [r for r in rows if all(t in r.get("scores", {}) for t in TASKS)]
+        per_seed = ((average, [row_average(r) for r in tested]), (scifact, [r["scores"]["SciFact"] for r in tested]))
+        for ax, values in per_seed:
+            ax.scatter([i] * len(values), values, color=colour, zorder=3)
+            if values:
+                ax.hlines(sum(values) / len(values), i - 0.3, i + 0.3, color=colour)
+        short = label.split(", temperature")[0].replace(" r = 16", "")  # the legend has the whole label
+        labels.append(textwrap.fill(short, 12) + f"\n({len(tested)} seeds)")
+    curves.set_xlabel("share of the 60-minute budget, % (steps / the steps the hour held on the AMD EPYC)")
+    curves.set_ylabel("STS-B dev Spearman x100 (all 1,500 pairs)")
+    curves.set_title("selection set, one line a seed")
+    curves.legend(fontsize=8, loc="lower right")
+    for ax, title in ((average, "test: average of the 4 tasks"), (scifact, "test: SciFact nDCG@10")):
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_title(title)
+        ax.set_ylabel("a dot a seed, the bar their mean")
+    for ax in (curves, average, scifact):
+        ax.grid(alpha=0.3)
+    fig.suptitle("SmolLM2-135M at equal wall-clock over seeds (STS-B train pairs in every run; test in float32)")
+    fig.tight_layout()
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=Path, default=REPO / "train/results/budget-60.jsonl")
@@ -214,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text(args.out, text)
     plot(rows, args.out.with_suffix(".png"))
+    if SEEDS:
+        seed_plot(budget, args.out.with_name(args.out.stem + "-seeds.png"))
     print(text)
     return 0
 
