@@ -76,6 +76,11 @@ def row_average(row: dict) -> float:
     return round(sum(row["scores"][t] for t in TASKS) / len(TASKS), 2)
 
 
+def tested(row: dict) -> bool:
+    """Whether a recorded run has a score on every one of the four test tasks."""
+    return all(t in row.get("scores", {}) for t in TASKS)
+
+
 def load_rows(path: Path) -> dict[str, dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results file; run `python train/compare.py train/configs/budget-60.yaml`.")
@@ -159,7 +164,7 @@ def seed_table(budget: dict[str, dict]) -> str:
         done = []
         for name in names:
             row = budget.get(name)
-            if row is None or not all(t in row.get("scores", {}) for t in TASKS):
+            if row is None or not tested(row):
                 lines.append(f"| {label} | {name} | not run | " + " | ".join(["–"] * (len(header) - 3)) + " |")
                 continue
             average = row_average(row)
@@ -177,12 +182,23 @@ def seed_table(budget: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_png(plt, fig, path: Path) -> None:
+    with atomic_file(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    plt = _pyplot()
     shown = [r for r in rows if r["scores"]]
     fig, ax = plt.subplots(figsize=(10, 6))
     width = 0.8 / len(shown)
@@ -196,9 +212,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)  # below: no bar hidden
     fig.tight_layout()
-    with atomic_file(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=120)
-    plt.close(fig)
+    _save_png(plt, fig, path)
 
 
 def budget_share_curve(row: dict) -> list[tuple[float, float]]:
@@ -212,11 +226,7 @@ def budget_share_curve(row: dict) -> list[tuple[float, float]]:
 def seed_plot(budget: dict[str, dict], path: Path) -> None:
     """The seeds of each SEEDS method side by side: STS-B dev against the share of the budget (the selection set,
     one line a seed), then the test average and SciFact of each seed (a dot each, the mean as a bar)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (curves, average, scifact) = plt.subplots(1, 3, figsize=(15, 5), gridspec_kw={"width_ratios": [2, 1, 1]})
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     labels = []
@@ -226,14 +236,14 @@ def seed_plot(budget: dict[str, dict], path: Path) -> None:
         for j, row in enumerate(rows):
             points = budget_share_curve(row)
             curves.plot(*zip(*points), marker="o", color=colour, alpha=0.8, label=label if j == 0 else None)
-        tested = [r for r in rows if all(t in r.get("scores", {}) for t in TASKS)]
-        per_seed = ((average, [row_average(r) for r in tested]), (scifact, [r["scores"]["SciFact"] for r in tested]))
+        done = [r for r in rows if tested(r)]
+        per_seed = ((average, [row_average(r) for r in done]), (scifact, [r["scores"]["SciFact"] for r in done]))
         for ax, values in per_seed:
             ax.scatter([i] * len(values), values, color=colour, zorder=3)
             if values:
                 ax.hlines(sum(values) / len(values), i - 0.3, i + 0.3, color=colour)
         short = label.split(", temperature")[0].replace(" r = 16", "")  # the legend has the whole label
-        labels.append(textwrap.fill(short, 12) + f"\n({len(tested)} seeds)")
+        labels.append(textwrap.fill(short, 12) + f"\n({len(done)} seeds)")
     curves.set_xlabel("share of the 60-minute budget, % (steps / the steps the hour held on the AMD EPYC)")
     curves.set_ylabel("STS-B dev Spearman x100 (all 1,500 pairs)")
     curves.set_title("selection set, one line a seed")
@@ -246,9 +256,7 @@ def seed_plot(budget: dict[str, dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle("SmolLM2-135M at equal wall-clock over seeds (STS-B train pairs in every run; test in float32)")
     fig.tight_layout()
-    with atomic_file(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=120)
-    plt.close(fig)
+    _save_png(plt, fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
